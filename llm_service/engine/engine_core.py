@@ -1,0 +1,313 @@
+"""The synchronous engine: add requests, `step()` = schedule -> execute -> update, abort.
+
+It is driven by one thread (the async engine's loop, or a test). It turns user-level inputs (text or
+chat messages, embeddings, sampling settings) into scheduler requests and scheduler updates into
+text deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from llm_service.engine.detokenizer import IncrementalDetokenizer
+from llm_service.engine.model_runner import CROSS_ATTENTION, PROMPT_TABLE, ModelRunner, MultimodalEmbedding
+from llm_service.engine.prompt import MultimodalItem, PromptBuilder, placeholder_spec
+from llm_service.engine.request import FinishReason, Request
+from llm_service.engine.sampling_params import SamplingParams
+from llm_service.engine.scheduler import Scheduler, SchedulerConfig
+from llm_service.models.loader import build_decoder, inspect_checkpoint
+from vlm_protocol.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_DEFAULT_KV_BLOCKS = 1024
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from kv_memory_fraction on CUDA, 1024 on CPU
+    kv_memory_fraction: float = 0.85  # of the GPU memory still free after loading the weights
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    max_waiting_requests: int = 1024
+    max_prefill_chunk_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return _DTYPES[self.dtype]
+
+
+@dataclass
+class GenerationInput:
+    """One request in engine terms. Exactly one of `prompt`, `messages`, `prompt_token_ids`."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_token_ids: list[int] | None = None
+    embeddings: Sequence[MultimodalEmbedding] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    triton_ensemble_format: bool = False  # wrap `prompt` in the original ensemble's family template
+    add_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finish_reason: FinishReason | None = None
+    stop_string: str | None = None
+    logprobs: list[object] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    arrival: float
+
+
+def _load_chat_template(root: Path, tokenizer) -> str | None:
+    jinja = root / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    as_json = root / "chat_template.json"
+    if as_json.is_file():
+        return json.loads(as_json.read_text()).get("chat_template")
+    return getattr(tokenizer, "chat_template", None)
+
+
+def _eos_token_ids(decoder_dir: Path, root: Path, tokenizer) -> tuple[int, ...]:
+    for directory in (root, decoder_dir):
+        if (directory / "generation_config.json").is_file():
+            eos = GenerationConfig.from_pretrained(directory).eos_token_id
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (eos,)
+    return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        info = inspect_checkpoint(config.model_dir)
+        self.family = info.family
+        self.device = torch.device(config.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir)
+        self.eos_token_ids = _eos_token_ids(info.decoder_dir, info.root, self.tokenizer)
+        spec = placeholder_spec(info.family, info.config)
+        self.prompt_builder = PromptBuilder(
+            info.family, self.tokenizer, spec, _load_chat_template(info.root, self.tokenizer)
+        )
+        self.model = build_decoder(info, dtype=config.torch_dtype, device=self.device)
+        text_config = info.text_config
+        self.hidden_size = text_config.hidden_size
+        self.vocab_size = text_config.vocab_size
+        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        image_token_id = self.tokenizer.convert_tokens_to_ids(spec.image_token) if not spec.expands else None
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            device=self.device,
+            dtype=config.torch_dtype,
+            vocab_size=self.vocab_size,
+            image_token_id=image_token_id,
+            seed=config.seed,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                max_waiting_requests=config.max_waiting_requests,
+                max_prefill_chunk_tokens=config.max_prefill_chunk_tokens,
+                block_size=config.block_size,
+                num_blocks=num_blocks,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self._tracked: dict[str, _Tracked] = {}
+        logger.info(
+            "engine ready: family=%s device=%s dtype=%s kv_blocks=%d x %d tokens",
+            self.family, self.device, config.torch_dtype, num_blocks, config.block_size,
+        )
+
+    def _auto_num_blocks(self) -> int:
+        if self.device.type != "cuda":
+            return _CPU_DEFAULT_KV_BLOCKS
+        num_kv_heads, head_dim = self.model.kv_shape
+        bytes_per_block = (
+            2 * self.model.num_layers * self.config.block_size * num_kv_heads * head_dim
+            * self.config.torch_dtype.itemsize
+        )
+        free, _ = torch.cuda.mem_get_info(self.device)
+        num_blocks = int(free * self.config.kv_memory_fraction) // bytes_per_block
+        if num_blocks < 1:
+            raise RuntimeError("no GPU memory left for the KV cache after loading the weights")
+        return num_blocks
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, inp: GenerationInput) -> Request:
+        """Validate, tokenize and queue a request. Raises a VlmError subclass on bad input."""
+        if inp.request_id in self._tracked:
+            raise InvalidArgumentError(f"request id {inp.request_id!r} is already in use")
+        self._check_embeddings(inp.embeddings)
+        token_ids, spans = self._tokenize(inp)
+        cross_ids = tuple(e.content_id for e in inp.embeddings if e.kind == CROSS_ATTENTION)
+        request = Request(
+            request_id=inp.request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=inp.sampling,
+            eos_token_ids=self.eos_token_ids,
+            mm_spans=spans,
+            cache_salt_keys=cross_ids,
+        )
+        self.scheduler.add_request(request)
+        try:
+            self.runner.add_request(request, inp.embeddings)
+        except Exception:
+            self.scheduler.abort(request.request_id)
+            raise
+        params = inp.sampling
+        self._tracked[request.request_id] = _Tracked(
+            request,
+            IncrementalDetokenizer(
+                self.tokenizer,
+                list(token_ids),
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            ),
+            time.monotonic(),
+        )
+        return request
+
+    def _check_embeddings(self, embeddings: Sequence[MultimodalEmbedding]) -> None:
+        want = CROSS_ATTENTION if self.runner.is_cross_attention_model else PROMPT_TABLE
+        for e in embeddings:
+            if e.kind != want:
+                raise InvalidArgumentError(
+                    f"embedding {e.content_id} is a {e.kind} embedding; this {self.family} model takes {want}"
+                )
+            if e.features.shape[-1] != self.hidden_size:
+                raise InvalidArgumentError(
+                    f"embedding {e.content_id} has hidden size {e.features.shape[-1]}; "
+                    f"the model expects {self.hidden_size} (was it encoded for another model?)"
+                )
+            if e.kind == PROMPT_TABLE and e.features.dim() != 2:
+                raise InvalidArgumentError(f"prompt table {e.content_id} must be [rows, hidden]")
+            if e.kind == CROSS_ATTENTION and (e.features.dim() != 4 or len(e.num_tiles) != e.features.shape[0]):
+                raise InvalidArgumentError(
+                    f"cross-attention features {e.content_id} must be [images, tiles, patches, hidden] "
+                    "with one tile count per image"
+                )
+
+    def _tokenize(self, inp: GenerationInput):
+        given = [x is not None for x in (inp.prompt, inp.messages, inp.prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidArgumentError("give exactly one of prompt text, chat messages or prompt token ids")
+        if inp.prompt_token_ids is not None:
+            if inp.embeddings:
+                raise InvalidArgumentError("prompt token ids cannot be combined with images; send text")
+            bad = [t for t in inp.prompt_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidArgumentError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+            return list(inp.prompt_token_ids), ()
+        items = [
+            MultimodalItem(e.content_id, e.media_type, e.num_rows or int(e.features.shape[0]))
+            for e in inp.embeddings
+        ]
+        if inp.messages is not None:
+            text, add_special = self.prompt_builder.render_chat(inp.messages), False
+        else:
+            text, add_special = inp.prompt, inp.add_special_tokens
+            if inp.triton_ensemble_format:
+                text = self.prompt_builder.ensemble_format(text, len(items))
+        tokenized = self.prompt_builder.tokenize(text, items, add_special_tokens=add_special)
+        return tokenized.token_ids, tokenized.mm_spans
+
+    def abort(self, request_id: str) -> bool:
+        tracked = self._tracked.pop(request_id, None)
+        self.runner.remove_request(request_id)
+        return self.scheduler.abort(request_id) or tracked is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        runner_output = self.runner.execute(scheduled, self.scheduler.requests)
+        outputs = []
+        for update in self.scheduler.update_from_output(scheduled, runner_output):
+            tracked = self._tracked.get(update.request_id)
+            if tracked is None:
+                continue
+            outputs.append(self._to_output(tracked, update))
+        return outputs
+
+    def _to_output(self, tracked: _Tracked, update) -> RequestOutput:
+        request = tracked.request
+        detok = tracked.detokenizer.push(update.new_token_ids)
+        text = detok.text_delta
+        reason = update.finish_reason
+        if detok.stop_string is not None and reason is None:
+            reason = FinishReason.STOP_STRING
+            self.scheduler.finish_request(request.request_id, reason)
+        if reason is not None:
+            if detok.stop_string is None:
+                text += tracked.detokenizer.flush()
+            self._tracked.pop(request.request_id, None)
+            self.runner.remove_request(request.request_id)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=list(update.new_token_ids),
+            text_delta=text,
+            finish_reason=reason,
+            stop_string=detok.stop_string,
+            logprobs=[update.logprobs] if update.logprobs is not None else [],
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_prompt_tokens=request.num_cached_prompt_tokens,
+            num_output_tokens=len(request.output_token_ids),
+        )

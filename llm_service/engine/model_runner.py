@@ -1,0 +1,237 @@
+"""Runs one scheduled step on the model: input prep, multimodal rows, paged KV, sampling.
+
+The runner owns the KV cache tensor (allocated once) and per-request device state (prompt tables,
+mllama cross-attention K/V). The scheduler only ever sees block ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llm_service.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from llm_service.engine.request import Request
+from llm_service.layers.attention import AttentionMetadata
+from llm_service.layers.sampler import SamplingBatch, SamplingRow, sample
+from llm_service.models.mllama import CrossAttentionInputs, MllamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+PROMPT_TABLE = "prompt_table"
+CROSS_ATTENTION = "cross_attention"
+
+
+@dataclass(frozen=True)
+class MultimodalEmbedding:
+    """One image's (or video's) features as the engine receives them.
+
+    prompt_table: `features` is `[rows, hidden]`, injected at the placeholder positions.
+    cross_attention (mllama): `features` is `[num_images, max_tiles, num_patches, hidden]` and
+    `num_tiles[i]` says how many tiles of image i are real (the rest is padding).
+    """
+
+    content_id: str
+    kind: str
+    features: torch.Tensor
+    media_type: str = "image"
+    num_tiles: tuple[int, ...] = ()
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.features.shape[0]) if self.kind == PROMPT_TABLE else 0
+
+
+@dataclass
+class _CrossState:
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: [L_enc, Hkv, D]
+    image_ranges: torch.Tensor  # [n_img, 2] token positions [start, end) that see image i
+    tile_valid: torch.Tensor  # [n_img, max_tiles] bool
+    num_patches: int
+    prompt_len: int
+
+    def token_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        # positions: [n] -> [n, n_img * max_tiles * num_patches] bool. Generated tokens reuse the last
+        # prompt token's row, as HF extends its mask during generation.
+        p = positions.clamp(max=self.prompt_len - 1)[:, None]
+        sees = (p >= self.image_ranges[None, :, 0]) & (p < self.image_ranges[None, :, 1])  # [n, n_img]
+        mask = sees[:, :, None] & self.tile_valid[None]  # [n, n_img, tiles]
+        return mask.repeat_interleave(self.num_patches, dim=-1).reshape(positions.shape[0], -1)
+
+
+def cross_attention_ranges(token_ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """Token ranges that attend to each image: from its `<|image|>` token to the next one (or the end);
+    a run of adjacent image tokens all attend to the text after the run (HF mllama semantics)."""
+    locations = [i for i, t in enumerate(token_ids) if t == image_token_id]
+    ranges = [[start, end] for start, end in zip(locations, [*locations[1:], len(token_ids)], strict=True)]
+    last_end = len(token_ids)
+    for r in reversed(ranges):
+        if r[1] == r[0] + 1:
+            r[1] = last_end
+        last_end = r[1]
+    return [(start, end) for start, end in ranges]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        vocab_size: int,
+        image_token_id: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.image_token_id = image_token_id
+        num_kv_heads, head_dim = model.kv_shape
+        # One allocation for every layer: [layers, k/v, blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = torch.zeros(
+            model.num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model.num_layers)]
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self._prompt_tables: dict[str, dict[str, torch.Tensor]] = {}
+        self._cross: dict[str, _CrossState] = {}
+
+    @property
+    def is_cross_attention_model(self) -> bool:
+        return isinstance(self.model, MllamaForCausalLM)
+
+    # --- per-request state -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add_request(self, request: Request, embeddings: Sequence[MultimodalEmbedding]) -> None:
+        tables = {
+            e.content_id: e.features.to(device=self.device, dtype=self.dtype)
+            for e in embeddings
+            if e.kind == PROMPT_TABLE
+        }
+        if tables:
+            self._prompt_tables[request.request_id] = tables
+        cross = [e for e in embeddings if e.kind == CROSS_ATTENTION]
+        if cross:
+            self._cross[request.request_id] = self._build_cross_state(request, cross)
+
+    def _build_cross_state(self, request: Request, embeddings: Sequence[MultimodalEmbedding]) -> _CrossState:
+        assert self.image_token_id is not None, "cross-attention embeddings need the image token id"
+        features = torch.cat([e.features for e in embeddings]).to(device=self.device, dtype=self.dtype)
+        num_images, max_tiles, num_patches, hidden = features.shape  # [n_img, tiles, P, H]
+        num_tiles = [n for e in embeddings for n in e.num_tiles]
+        tile_valid = torch.arange(max_tiles, device=self.device)[None, :] < torch.tensor(
+            num_tiles, device=self.device
+        )[:, None]
+        ranges = cross_attention_ranges(request.prompt_token_ids, self.image_token_id)
+        kv = self.model.compute_cross_kv(features.reshape(-1, hidden))
+        return _CrossState(
+            kv=kv,
+            image_ranges=torch.tensor(ranges, device=self.device, dtype=torch.long).reshape(num_images, 2),
+            tile_valid=tile_valid,
+            num_patches=num_patches,
+            prompt_len=len(request.prompt_token_ids),
+        )
+
+    def remove_request(self, request_id: str) -> None:
+        self._prompt_tables.pop(request_id, None)
+        self._cross.pop(request_id, None)
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput, requests: Mapping[str, Request]) -> ModelRunnerOutput:
+        chunks = scheduled.chunks
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        for chunk in chunks:
+            token_ids += chunk.token_ids
+            for p in range(chunk.start_position, chunk.end_position):
+                positions.append(p)
+                slots.append(chunk.block_table[p // self.block_size] * self.block_size + p % self.block_size)
+            query_start_loc.append(query_start_loc[-1] + chunk.num_tokens)
+            seq_lens.append(chunk.end_position)
+        max_blocks = max(len(c.block_table) for c in chunks)
+        block_tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+
+        device = self.device
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)  # [T]
+        position_ids = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(block_tables, dtype=torch.long, device=device),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_size=self.block_size,
+        )
+        embeds = self.model.embed_input_ids(input_ids)  # [T, H]
+        self._inject_prompt_tables(embeds, chunks, query_start_loc)
+        if self.is_cross_attention_model:
+            hidden = self.model(embeds, position_ids, self.kv_caches, meta, self._cross_inputs(chunks, position_ids, meta))
+        else:
+            hidden = self.model(embeds, position_ids, self.kv_caches, meta)  # [T, H]
+
+        sampling_chunks = [(i, c) for i, c in enumerate(chunks) if c.needs_sampling]
+        if not sampling_chunks:
+            return ModelRunnerOutput(sampled_token_ids={})
+        last_rows = torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling_chunks], device=device)
+        logits = self.model.compute_logits(hidden[last_rows])[:, : self.vocab_size]  # [B, V]
+        rows = []
+        for _, chunk in sampling_chunks:
+            request = requests[chunk.request_id]
+            rows.append(
+                SamplingRow(
+                    params=chunk.sampling_params,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                    eos_token_ids=request.eos_token_ids,
+                )
+            )
+        batch = SamplingBatch.build(rows, vocab_size=logits.shape[1], device=device)
+        result = sample(logits, batch, generator=self.generator)
+        sampled = {c.request_id: t for (_, c), t in zip(sampling_chunks, result.token_ids, strict=True)}
+        logprobs: dict[str, object] = {}
+        if result.logprobs is not None:
+            for j, (_, chunk) in enumerate(sampling_chunks):
+                if chunk.sampling_params.logprobs or chunk.sampling_params.top_logprobs:
+                    logprobs[chunk.request_id] = (result.logprobs[j], result.top_logprobs[j])
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _inject_prompt_tables(self, embeds: torch.Tensor, chunks, query_start_loc: list[int]) -> None:
+        for i, chunk in enumerate(chunks):
+            tables = self._prompt_tables.get(chunk.request_id)
+            for span in chunk.mm_spans:
+                rows = span.overlap(chunk.start_position, chunk.end_position)
+                if rows is None:
+                    continue
+                lo, hi = rows
+                dst = query_start_loc[i] + span.offset + lo - chunk.start_position
+                if tables is None or span.content_id not in tables:
+                    raise RuntimeError(f"request {chunk.request_id}: no embedding held for {span.content_id}")
+                embeds[dst : dst + hi - lo] = tables[span.content_id][lo:hi]
+
+    def _cross_inputs(self, chunks, positions: torch.Tensor, meta: AttentionMetadata) -> CrossAttentionInputs | None:
+        states = [self._cross.get(c.request_id) for c in chunks]
+        if all(s is None for s in states):
+            return None
+        kv, masks = [], []
+        for i, state in enumerate(states):
+            if state is None:
+                kv.append(None)
+                masks.append(None)
+                continue
+            kv.append(state.kv)
+            masks.append(state.token_mask(positions[meta.query_start_loc[i] : meta.query_start_loc[i + 1]]))
+        return CrossAttentionInputs(kv=kv, token_masks=masks)
