@@ -97,7 +97,21 @@ class PromptBuilder:
             ids[token_id] = media
         return ids
 
+    def _mllama_text(self, text: str) -> str:
+        # Like HF's MllamaProcessor: without an explicit BOS, leading image tokens move before one.
+        bos = self.tokenizer.bos_token
+        if not bos or bos in text:
+            return text
+        stripped = text
+        num_leading = 0
+        while stripped.startswith(self.spec.image_token):
+            stripped = stripped[len(self.spec.image_token) :]
+            num_leading += 1
+        return self.spec.image_token * num_leading + bos + stripped
+
     def tokenize(self, text: str, items: Sequence[MultimodalItem], *, add_special_tokens: bool = True) -> TokenizedPrompt:
+        if self.family == "mllama":  # HF applies this to every prompt, images or not
+            text = self._mllama_text(text)
         base_ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         placeholders = self._placeholder_ids()
         found = [(pos, placeholders[t]) for pos, t in enumerate(base_ids) if t in placeholders]

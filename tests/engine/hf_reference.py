@@ -1,0 +1,118 @@
+"""Hugging Face reference runs for engine parity: greedy ids, and the exact image rows HF merged.
+
+The rows are captured from what HF feeds its language model (a forward pre-hook), so the engine is
+compared on the LLM side alone, whatever each family's vision path does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from llm_service.engine.model_runner import CROSS_ATTENTION, PROMPT_TABLE, MultimodalEmbedding
+from vlm_protocol.content_id import content_id_for_array
+
+
+@dataclass
+class Reference:
+    prompt_token_ids: list[int]  # as HF tokenized the prompt (placeholders expanded)
+    output_token_ids: list[int]
+    embeddings: list[MultimodalEmbedding]
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.kwargs: dict | None = None
+
+    def __call__(self, module, args, kwargs):
+        if self.kwargs is None:
+            self.kwargs = dict(kwargs)
+
+
+def _embedding_id(tensor: torch.Tensor) -> str:
+    return content_id_for_array("test/embedding", tensor.float().contiguous().numpy(), {})
+
+
+class HFReference:
+    """One loaded HF model + processor for a tiny checkpoint (not VILA: see `VilaHFReference`)."""
+
+    def __init__(self, family: str, ckpt: Path) -> None:
+        self.family = family
+        self.processor = AutoProcessor.from_pretrained(ckpt)
+        self.model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+        self.config = self.model.config
+
+    @torch.no_grad()
+    def run(self, prompt: str, images: list | None, max_new_tokens: int, videos: list | None = None) -> Reference:
+        kwargs = {"text": prompt, "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+        inputs = self.processor(**kwargs)
+        capture = _Capture()
+        language_model = getattr(self.model, "language_model", None) or self.model.model.language_model
+        handle = language_model.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        finally:
+            handle.remove()
+        ids = inputs["input_ids"][0].tolist()
+        embeddings = self._embeddings(inputs, capture.kwargs, ids) if (images or videos) else []
+        return Reference(ids, out[0, len(ids) :].tolist(), embeddings)
+
+    def _embeddings(self, inputs, captured: dict, ids: list[int]) -> list[MultimodalEmbedding]:
+        if self.family == "mllama":
+            states = captured["cross_attention_states"]  # [B * n_img * tiles, P, H]
+            num_tiles = [int(n) for n in inputs["aspect_ratio_mask"][0].sum(-1).tolist()]
+            max_tiles = inputs["aspect_ratio_mask"].shape[-1]
+            features = states.reshape(len(num_tiles), max_tiles, states.shape[-2], states.shape[-1])
+            return [
+                MultimodalEmbedding(_embedding_id(features[i]), CROSS_ATTENTION, features[i : i + 1], "image", (n,))
+                for i, n in enumerate(num_tiles)
+            ]
+        embeds = captured["inputs_embeds"][0]  # [S, H]
+        placeholder_ids = {self.config.image_token_id}
+        video_id = getattr(self.config, "video_token_id", None)
+        if video_id is not None:
+            placeholder_ids.add(video_id)
+        # consecutive runs of the same placeholder id are one image (or video)
+        result, start = [], None
+        for pos in range(len(ids) + 1):
+            inside = pos < len(ids) and ids[pos] in placeholder_ids
+            if inside and start is None:
+                start = pos
+            elif start is not None and (not inside or ids[pos] != ids[start]):
+                rows = embeds[start:pos].clone()
+                media = "video" if ids[start] == video_id else "image"
+                result.append(MultimodalEmbedding(_embedding_id(rows), PROMPT_TABLE, rows, media))
+                start = pos if inside else None
+        return result
+
+
+class VilaHFReference:
+    """VILA through the parts transformers has (SigLIP + our projector + LlamaForCausalLM)."""
+
+    def __init__(self, ckpt: Path) -> None:
+        from vlm_tiny.vila import VilaReference
+
+        self.ref = VilaReference(ckpt)
+
+    @torch.no_grad()
+    def run(self, prompt: str, images: list | None, max_new_tokens: int) -> Reference:
+        images = images or []
+        embeds, mask = self.ref.build_inputs_embeds(prompt, images)
+        out = self.ref.llm.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        rows = self.ref.encode_images(images) if images else []
+        embeddings = [MultimodalEmbedding(_embedding_id(r), PROMPT_TABLE, r.clone(), "image") for r in rows]
+        ids = self.ref.tokenizer(prompt).input_ids
+        expanded: list[int] = []
+        for t in ids:
+            expanded += [t] * (embeddings[0].features.shape[0] if t == self.ref.image_token_id else 1)
+        return Reference(expanded, out[0].tolist(), embeddings)

@@ -1,0 +1,179 @@
+"""Engine behaviour beyond parity: prefix reuse by content, seeded sampling, abort, preemption, async API."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llm_service.engine.async_engine import AsyncLLMEngine
+from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput
+from llm_service.engine.request import FinishReason
+from llm_service.engine.sampling_params import SamplingParams
+from tests.engine.hf_reference import HFReference
+from tests.engine.test_engine_parity import _images
+
+PROMPT = "USER: <image>\nWhat is shown in this picture? Please answer in detail. ASSISTANT:"
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llava")
+    hf = HFReference("llava", ckpt)
+    ref_a = hf.run(PROMPT, _images(0, 1), 8)
+    ref_b = hf.run(PROMPT, _images(1, 1), 8)
+    return ckpt, ref_a, ref_b
+
+
+def _engine(ckpt, **kwargs) -> EngineCore:
+    kwargs.setdefault("block_size", 4)
+    kwargs.setdefault("max_num_batched_tokens", 64)
+    return EngineCore(EngineConfig(model_dir=str(ckpt), **kwargs))
+
+
+def _drain(engine: EngineCore) -> dict[str, list[int]]:
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return outputs
+
+
+def _add(engine, rid, ref, sampling=GREEDY):
+    return engine.add_request(GenerationInput(rid, prompt=PROMPT, embeddings=ref.embeddings, sampling=sampling))
+
+
+def test_prefix_reuse_same_image_hits_and_different_image_never_does(llava):
+    ckpt, ref_a, ref_b = llava
+    engine = _engine(ckpt)
+    _add(engine, "first", ref_a)
+    assert _drain(engine)["first"] == ref_a.output_token_ids
+    hits_before = engine.scheduler.stats().prefix_hit_tokens
+
+    second = _add(engine, "second", ref_a)
+    out = _drain(engine)["second"]
+    assert out == ref_a.output_token_ids
+    prompt_len = len(second.prompt_token_ids)
+    # everything but the last partial block (and at least the last token) came from the cache
+    assert second.num_cached_prompt_tokens == (prompt_len - 1) // 4 * 4
+    assert engine.scheduler.stats().prefix_hit_tokens - hits_before == second.num_cached_prompt_tokens
+
+    # same text, different image: the blocks holding image rows (and all after) must not be reused
+    other = _add(engine, "other", ref_b)
+    assert _drain(engine)["other"] == ref_b.output_token_ids
+    first_image_position = other.mm_spans[0].offset
+    assert other.num_cached_prompt_tokens <= first_image_position
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(llava):
+    ckpt, ref_a, ref_b = llava
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234)
+    engine = _engine(ckpt)
+    _add(engine, "alone", ref_a, seeded)
+    alone = _drain(engine)["alone"]
+
+    engine = _engine(ckpt)
+    _add(engine, "noise-1", ref_b, SamplingParams(max_tokens=12, temperature=1.0))
+    engine.step()
+    _add(engine, "together", ref_a, seeded)
+    _add(engine, "noise-2", ref_a, SamplingParams(max_tokens=5, temperature=0.7, seed=7))
+    together = _drain(engine)["together"]
+    assert together == alone
+
+    engine = _engine(ckpt)
+    _add(engine, "other-seed", ref_a, SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=99))
+    assert _drain(engine)["other-seed"] != alone
+
+
+@pytest.mark.parametrize("abort_after_steps", [1, 6])  # mid-prefill (7-token chunks), mid-decode
+def test_abort_frees_every_block(llava, abort_after_steps):
+    ckpt, ref_a, _ = llava
+    engine = _engine(ckpt, max_prefill_chunk_tokens=7, enable_prefix_caching=False)
+    free_at_start = engine.scheduler.kv_cache.num_free_blocks
+    _add(engine, "victim", ref_a, SamplingParams(max_tokens=20, temperature=0.0))
+    for _ in range(abort_after_steps):
+        engine.step()
+    request = engine.scheduler.get_request("victim")
+    assert request is not None and request.num_computed_tokens > 0
+    in_decode = request.num_computed_tokens >= len(request.prompt_token_ids)
+    assert in_decode == (abort_after_steps == 6)
+    assert engine.scheduler.kv_cache.num_free_blocks < free_at_start
+    assert engine.abort("victim")
+    assert engine.scheduler.kv_cache.num_free_blocks == free_at_start
+    assert not engine.has_unfinished_requests()
+    assert "victim" not in engine.runner._prompt_tables
+
+
+def test_preemption_keeps_results_identical(llava):
+    ckpt, ref_a, ref_b = llava
+    prompt_len = len(ref_a.prompt_token_ids)
+    # room for two prompts but not for both to decode 8 tokens: running requests must preempt
+    prompt_blocks = -(-prompt_len // 4)
+    engine = _engine(ckpt, num_kv_blocks=2 * prompt_blocks + 1, enable_prefix_caching=False)
+    refs = [ref_a, ref_b] * 3
+    for i, ref in enumerate(refs):
+        _add(engine, f"r{i}", ref)
+    outputs = _drain(engine)
+    assert engine.scheduler.stats().num_preemptions > 0
+    for i, ref in enumerate(refs):
+        assert outputs[f"r{i}"] == ref.output_token_ids
+
+
+def test_stop_string_ends_request_and_is_not_emitted(llava):
+    ckpt, ref_a, _ = llava
+    engine = _engine(ckpt)
+    _add(engine, "full", ref_a)
+    full_text = ""
+    while engine.has_unfinished_requests():
+        full_text += "".join(o.text_delta for o in engine.step())
+    stop = full_text[len(full_text) // 2 : len(full_text) // 2 + 2]
+    assert stop.strip(), "need a visible stop string"
+    engine = _engine(ckpt)
+    _add(engine, "stopped", ref_a, SamplingParams(max_tokens=8, temperature=0.0, stop=(stop,)))
+    text, reason = "", None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            text += o.text_delta
+            reason = o.finish_reason or reason
+    assert reason is FinishReason.STOP_STRING
+    assert text == full_text[: full_text.index(stop)]
+    assert engine.scheduler.kv_cache.num_used_blocks == 0 or engine.config.enable_prefix_caching
+
+
+def test_async_engine_streams_and_aborts_on_close(llava):
+    ckpt, ref_a, ref_b = llava
+
+    async def main():
+        engine = AsyncLLMEngine(_engine(ckpt))
+        try:
+            async def collect(rid, ref):
+                tokens = []
+                async for out in engine.generate(GenerationInput(rid, prompt=PROMPT, embeddings=ref.embeddings, sampling=GREEDY)):
+                    tokens += out.new_token_ids
+                return tokens
+
+            a, b = await asyncio.gather(collect("a", ref_a), collect("b", ref_b))
+            assert a == ref_a.output_token_ids and b == ref_b.output_token_ids
+
+            # a client that goes away after the first delta: the request is aborted, blocks freed
+            stream = engine.generate(
+                GenerationInput("gone", prompt=PROMPT, embeddings=ref_a.embeddings, sampling=SamplingParams(max_tokens=200, temperature=0.0))
+            )
+            await stream.__anext__()
+            await stream.aclose()
+            for _ in range(100):
+                if engine.stats().num_running == 0 and engine.stats().num_waiting == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.stats().num_running == 0
+
+            # bad input is reported to the caller, and the engine keeps serving
+            with pytest.raises(Exception, match="placeholder"):
+                async for _ in engine.generate(GenerationInput("bad", prompt="no image here", embeddings=ref_a.embeddings)):
+                    pass
+            assert await collect("after", ref_a) == ref_a.output_token_ids
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
