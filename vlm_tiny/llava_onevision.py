@@ -10,7 +10,7 @@ Geometry, scaled down from the real 384 px / patch 14 / 27x27 SigLIP:
     purpose, like the real 27x27, so video pooling exercises its ceil(): 5x5 -> 3x3 = 9 rows per frame;
   - `image_grid_pinpoints` are the real 6x6 set of multiples of the crop size (40..240 instead of
     384..2304), so a single image becomes 1 base crop + up to 36 grid crops, and `anyres_max_9`
-    downsampling (unpadded area > 9 crops' worth, by more than 1.1x) is reachable;
+    downsampling (when sqrt(unpadded rows / (9 x 25)) > 1.1) is reachable;
   - every row of the unpadded grid ends with `image_newline`; a single-crop image (multi-image
     prompts) is base + 1 newline; a video is frames x 9 pooled rows + 1 newline.
 

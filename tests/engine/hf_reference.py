@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
+from encoder_service.hf_processors import load_processor
 from llm_service.engine.model_runner import CROSS_ATTENTION, PROMPT_TABLE, MultimodalEmbedding
 from vlm_protocol.content_id import content_id_for_array
 
@@ -21,6 +22,7 @@ class Reference:
     prompt_token_ids: list[int]  # as HF tokenized the prompt (placeholders expanded)
     output_token_ids: list[int]
     embeddings: list[MultimodalEmbedding]
+    first_logprobs: torch.Tensor | None = None  # [V] log-softmax of HF's first-step logits
 
 
 class _Capture:
@@ -41,7 +43,7 @@ class HFReference:
 
     def __init__(self, family: str, ckpt: Path) -> None:
         self.family = family
-        self.processor = AutoProcessor.from_pretrained(ckpt)
+        self.processor = load_processor(ckpt)
         self.model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
         self.config = self.model.config
 
@@ -57,12 +59,15 @@ class HFReference:
         language_model = getattr(self.model, "language_model", None) or self.model.model.language_model
         handle = language_model.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
         finally:
             handle.remove()
         ids = inputs["input_ids"][0].tolist()
         embeddings = self._embeddings(inputs, capture.kwargs, ids) if (images or videos) else []
-        return Reference(ids, out[0, len(ids) :].tolist(), embeddings)
+        first = out.scores[0][0].float().log_softmax(-1)
+        return Reference(ids, out.sequences[0, len(ids) :].tolist(), embeddings, first)
 
     def _embeddings(self, inputs, captured: dict, ids: list[int]) -> list[MultimodalEmbedding]:
         if self.family == "mllama":
@@ -107,7 +112,7 @@ class VilaHFReference:
         embeds, mask = self.ref.build_inputs_embeds(prompt, images)
         out = self.ref.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=False, output_scores=True, return_dict_in_generate=True,
         )
         rows = self.ref.encode_images(images) if images else []
         embeddings = [MultimodalEmbedding(_embedding_id(r), PROMPT_TABLE, r.clone(), "image") for r in rows]
@@ -115,4 +120,4 @@ class VilaHFReference:
         expanded: list[int] = []
         for t in ids:
             expanded += [t] * (embeddings[0].features.shape[0] if t == self.ref.image_token_id else 1)
-        return Reference(expanded, out[0].tolist(), embeddings)
+        return Reference(expanded, out.sequences[0].tolist(), embeddings, out.scores[0][0].float().log_softmax(-1))
