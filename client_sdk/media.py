@@ -1,19 +1,24 @@
-"""Client-side media intake: paths, bytes, PIL images, numpy arrays and data URIs -> wire bytes + content id."""
+"""Client-side media intake: paths, bytes, PIL images, numpy arrays and data URIs -> wire form + content id."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image
 
-from vlm_protocol.content_id import content_id_for_array, content_id_for_bytes
 from vlm_protocol.errors import InvalidArgumentError
+from vlm_protocol.media_ids import (
+    IMAGE_BYTES,
+    IMAGE_PIXELS,
+    PreprocessingIdentity,
+    array_media_id,
+    encoded_media_id,
+)
 
 ImageInput = Union[str, Path, bytes, "Image.Image", np.ndarray]
 
@@ -60,9 +65,9 @@ def load_image_bytes(image: ImageInput) -> bytes | np.ndarray:
     return path.read_bytes()
 
 
-def image_content_id(image: ImageInput, preprocessing: Mapping[str, str | int | float | bool | None]) -> str:
-    """Content id of an image as the services compute it (DESIGN §4)."""
+def image_content_id(image: ImageInput, identity: PreprocessingIdentity) -> str:
+    """Content id of an image as the services compute it (protos/README.md, "Content ids")."""
     data = load_image_bytes(image)
     if isinstance(data, np.ndarray):
-        return content_id_for_array("image/pixels_hwc_uint8", data, preprocessing)
-    return content_id_for_bytes("image/bytes", data, preprocessing)
+        return array_media_id(IMAGE_PIXELS, data, identity)
+    return encoded_media_id(IMAGE_BYTES, data, identity)

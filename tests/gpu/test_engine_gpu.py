@@ -1,7 +1,7 @@
 """The engine on CUDA: fp32 greedy ids equal HF's exactly; bf16 stays within the documented tolerance.
 
 bf16 tolerance, against HF's fp32 run on the same inputs: the first generated token is the same, and
-the log probs of our top-5 first tokens are within 0.1 of HF's fp32 log probs for those tokens.
+the log probs of our top-5 first tokens are within 0.2 of HF's fp32 log probs for those tokens.
 Later greedy tokens are not compared: these tiny random-weight models are chaotic enough that one
 bf16 rounding difference changes the continuation.
 """
@@ -66,4 +66,4 @@ def test_bf16_on_cuda_within_tolerance(tiny_checkpoint, family):
         assert tokens[0] == ref.output_token_ids[0], prompt
         _, top = logprobs[0]
         for token_id, logprob in top:
-            assert abs(logprob - float(ref.first_logprobs[token_id])) < 0.1, (prompt, token_id)
+            assert abs(logprob - float(ref.first_logprobs[token_id])) < 0.2, (prompt, token_id)

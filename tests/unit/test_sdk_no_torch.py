@@ -24,7 +24,8 @@ _SCRIPT = textwrap.dedent(
     from vlm_protocol import tensor_codec
 
     png = b"\\x89PNG fake bytes are fine for hashing"
-    cid = client_sdk.image_content_id(png, {"family": "llava"})
+    from vlm_protocol.media_ids import PreprocessingIdentity
+    cid = client_sdk.image_content_id(png, PreprocessingIdentity("llava", "m", "p"))
     assert cid.startswith("b3:") and len(cid) == 3 + 64, cid
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     back = tensor_codec.decode_numpy(tensor_codec.encode_numpy(arr))
