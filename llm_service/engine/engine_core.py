@@ -256,7 +256,10 @@ class EngineCore:
             for e in inp.embeddings
         ]
         if inp.messages is not None:
-            text, add_special = self.prompt_builder.render_chat(inp.messages), False
+            text = self.prompt_builder.render_chat(inp.messages)
+            # Templates that write BOS themselves must not get a second one from the tokenizer.
+            bos = self.tokenizer.bos_token
+            add_special = not (bos and text.startswith(bos))
         else:
             text, add_special = inp.prompt, inp.add_special_tokens
             if inp.triton_ensemble_format:

@@ -52,9 +52,12 @@ class HFReference:
         kwargs = {"text": prompt, "return_tensors": "pt"}
         if images:
             kwargs["images"] = images
-        if videos:
-            kwargs["videos"] = videos
-        inputs = self.processor(**kwargs)
+        if videos and getattr(self.processor, "video_processor", None) is None:
+            inputs = self._video_inputs_without_torchvision(prompt, videos)
+        else:
+            if videos:
+                kwargs["videos"] = videos
+            inputs = self.processor(**kwargs)
         capture = _Capture()
         language_model = getattr(self.model, "language_model", None) or self.model.model.language_model
         handle = language_model.register_forward_pre_hook(capture, with_kwargs=True)
@@ -68,6 +71,19 @@ class HFReference:
         embeddings = self._embeddings(inputs, capture.kwargs, ids) if (images or videos) else []
         first = out.scores[0][0].float().log_softmax(-1)
         return Reference(ids, out.sequences[0, len(ids) :].tolist(), embeddings, first)
+
+    def _video_inputs_without_torchvision(self, prompt: str, videos: list) -> dict:
+        """OneVision video inputs on a host without torchvision: each frame's base crop from the image
+        processor is the video processor's transform; `<video>` expands to frames * pooled rows + 1."""
+        (frames,) = videos
+        pixels = torch.stack(
+            [self.processor.image_processor(f, return_tensors="pt")["pixel_values"][0, 0] for f in frames]
+        )
+        vision = self.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        num_tokens = len(frames) * (-(-grid // 2)) ** 2 + 1
+        inputs = self.processor.tokenizer(prompt.replace("<video>", "<video>" * num_tokens), return_tensors="pt")
+        return {**inputs, "pixel_values_videos": pixels[None]}
 
     def _embeddings(self, inputs, captured: dict, ids: list[int]) -> list[MultimodalEmbedding]:
         if self.family == "mllama":

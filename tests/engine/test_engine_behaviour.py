@@ -8,6 +8,7 @@ import pytest
 
 from llm_service.engine.async_engine import AsyncLLMEngine
 from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput
+from llm_service.engine.prompt import MultimodalItem
 from llm_service.engine.request import FinishReason
 from llm_service.engine.sampling_params import SamplingParams
 from tests.engine.hf_reference import HFReference
@@ -177,3 +178,35 @@ def test_async_engine_streams_and_aborts_on_close(llava):
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_chat_messages_use_the_checkpoint_template(llava, tiny_checkpoint):
+    ckpt, ref_a, _ = llava
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    hf = HFReference("llava", ckpt)
+    rendered = hf.processor.apply_chat_template(messages, add_generation_prompt=True)
+    ref = hf.run(rendered, _images(0, 1), 8)
+    engine = _engine(ckpt)
+    request = engine.add_request(GenerationInput("chat", messages=messages, embeddings=ref.embeddings, sampling=GREEDY))
+    assert list(request.prompt_token_ids) == ref.prompt_token_ids
+    assert _drain(engine)["chat"] == ref.output_token_ids
+
+
+def test_triton_ensemble_prompt_format(llava):
+    ckpt, ref_a, _ = llava
+    engine = _engine(ckpt)
+    request = engine.add_request(
+        GenerationInput("ens", prompt="Which city is this?", embeddings=ref_a.embeddings, sampling=GREEDY, triton_ensemble_format=True)
+    )
+    item = MultimodalItem(ref_a.embeddings[0].content_id, "image", ref_a.embeddings[0].num_rows)
+    expected = engine.prompt_builder.tokenize("USER:\n<image>Which city is this? ASSISTANT:", [item]).token_ids
+    assert list(request.prompt_token_ids) == expected
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(llava):
+    ckpt, ref_a, ref_b = llava
+    engine = _engine(ckpt)
+    with pytest.raises(Exception, match="1 image and 0 video placeholder.*2 image and 0 video input"):
+        engine.add_request(GenerationInput("bad", prompt=PROMPT, embeddings=ref_a.embeddings + ref_b.embeddings))
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.kv_cache.num_used_blocks == 0

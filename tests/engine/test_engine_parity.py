@@ -18,8 +18,9 @@ from llm_service.engine.sampling_params import SamplingParams
 from tests.engine.hf_reference import HFReference, VilaHFReference
 
 MAX_NEW_TOKENS = 10
+VIDEO_FRAMES = -4  # a case with this "image count" is a 4-frame video instead
 
-# (prompt, number of images) per family; "{}" cases are text only
+# (prompt, number of images) per family; 0 images = text only; VIDEO_FRAMES = a video
 CASES = {
     "llava": [
         ("USER: <image>\nWhat is shown in this picture? ASSISTANT:", 1),
@@ -38,6 +39,7 @@ CASES = {
     "llava_onevision": [
         ("<|im_start|>user <image>\nWhat is this?<|im_end|><|im_start|>assistant\n", 1),
         ("<|im_start|>user Name three colours.<|im_end|><|im_start|>assistant\n", 0),
+        ("<|im_start|>user <video>\nWhat happens in this video?<|im_end|><|im_start|>assistant\n", VIDEO_FRAMES),
     ],
     "mllama": [
         ("<|image|>If I had to write a haiku for this one", 1),
@@ -66,6 +68,10 @@ def references(tiny_checkpoint):
             hf = VilaHFReference(ckpt) if family == "vila" else HFReference(family, ckpt)
             refs = []
             for seed, (prompt, num_images) in enumerate(CASES[family]):
+                if num_images == VIDEO_FRAMES:
+                    frames = _images(seed, -VIDEO_FRAMES)
+                    refs.append((prompt, hf.run(prompt, None, MAX_NEW_TOKENS, videos=[frames])))
+                    continue
                 images = _images(seed, num_images)
                 refs.append((prompt, hf.run(prompt, images or None, MAX_NEW_TOKENS)))
             cache[family] = (ckpt, refs)
