@@ -1,0 +1,229 @@
+"""The visual-engine interface shared by every model family.
+
+Flow: `preprocess(MediaInput) -> PreparedInput` (CPU, thread-safe, the checkpoint's HF image
+processor) then `encode(list[PreparedInput]) -> list[EncodedOutput]` (one model run for the batch).
+Two kinds of output:
+  - "prompt_table" (BLIP-2, LLaVA, VILA, OneVision): rows that replace the image placeholders in
+    the LLM's input embeddings, `[num_rows, llm_hidden]` per image or video;
+  - "cross_attention" (mllama): per image `[1, max_tiles, num_patches, llm_hidden]`, the KV source of
+    the decoder's cross-attention layers, plus the tile metadata the LLM side needs for its mask.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+
+from encoder_service.engines import inputs
+from vlm_protocol.errors import InvalidArgumentError
+
+PROMPT_TABLE = "prompt_table"
+CROSS_ATTENTION = "cross_attention"
+
+EngineKind = Literal["prompt_table", "cross_attention"]
+MediaKind = Literal["image", "video"]
+
+
+@dataclass(frozen=True)
+class MediaInput:
+    """One request's media: exactly one of `images`, `video_frames` or `pixel_values`.
+
+    images: decoded pictures, in prompt order; PIL images (any mode) or uint8 arrays [H, W, C]
+        (C in 1, 3, 4) or [H, W].
+    video_frames: uint8 [T, H, W, 3] (families with `supports_video` only).
+    pixel_values: the output of this checkpoint's HF image processor, already preprocessed:
+        BLIP-2/LLaVA/VILA [n, 3, S, S] (or [3, S, S]); OneVision [n_crops, 3, S, S] for one image or
+        [n, max_crops, 3, S, S] (processor padding trimmed) plus `image_sizes`; mllama
+        [n, max_tiles, 3, S, S] (or the processor's [1, n, ...]) plus `aspect_ratio_ids`/`_mask`.
+    num_prompt_images: how many images the prompt that uses these has, when the caller encodes a
+        prompt's images separately (one per content id). OneVision tiles an image (anyres) only in
+        a single-image prompt and otherwise encodes one padded square crop; default len(images).
+    """
+
+    images: Sequence[PIL.Image.Image | np.ndarray] | None = None
+    video_frames: np.ndarray | None = None
+    pixel_values: torch.Tensor | None = None
+    image_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None  # OneVision: original (H, W) per image
+    aspect_ratio_ids: torch.Tensor | None = None  # mllama: [n] (or [1, n]), 1-based
+    aspect_ratio_mask: torch.Tensor | None = None  # mllama: [n, max_tiles] (or [1, n, max_tiles])
+    num_prompt_images: int | None = None
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """Preprocessed media of one `MediaInput`, ready for `encode`; CPU float32 tensors.
+
+    `pixel_values` is the tower batch of this input: [sum(num_crops), 3, S, S] for CLIP/SigLIP/ViT
+    families (one row per image, OneVision crop, or video frame) and [num_items, max_tiles, 3, S, S]
+    for mllama. `num_crops[i]` is how many leading rows item i owns.
+    """
+
+    family: str
+    media: MediaKind
+    pixel_values: torch.Tensor
+    num_crops: tuple[int, ...]
+    image_sizes: tuple[tuple[int, int] | None, ...]  # original (H, W) per item; None when unknown
+    anyres: bool = False  # OneVision: tiled (single-image prompt) vs one padded square crop
+    aspect_ratio_ids: tuple[int, ...] = ()  # mllama, per image
+    aspect_ratio_masks: tuple[tuple[int, ...], ...] = ()  # mllama, per image
+
+    @property
+    def num_items(self) -> int:
+        return len(self.num_crops)
+
+
+@dataclass(frozen=True)
+class EncodedOutput:
+    """The features of one image (or one video) of an `encode` batch, on the CPU, in the engine dtype.
+
+    features: prompt_table `[num_rows, llm_hidden]`; cross_attention `[1, max_tiles, num_patches, llm_hidden]`.
+    input_index / item_index: which `PreparedInput` of the batch, and which of its images.
+    num_rows: prompt-table rows (what the LLM's placeholder expansion must match); for
+        cross_attention the KV rows per image, max_tiles * num_patches.
+    num_crops: tower inputs that produced it: OneVision crops incl. the base one (HF's
+        `image_num_patches`), video frames, else 1.
+    """
+
+    features: torch.Tensor
+    media: MediaKind
+    input_index: int
+    item_index: int
+    num_rows: int
+    num_crops: int = 1
+    image_size: tuple[int, int] | None = None  # original (H, W), when known
+    num_frames: int = 0  # video
+    num_tiles: int = 0  # mllama: real (non-padding) tiles
+    aspect_ratio_id: int = 0  # mllama: 1-based index into supported_aspect_ratios
+    aspect_ratio_mask: tuple[int, ...] = ()  # mllama: 1 per real tile, length max_tiles
+
+
+class VisualEngine(abc.ABC):
+    """Vision tower + projector of one checkpoint, on one device and dtype.
+
+    `preprocess` may run concurrently from worker threads. `encode` is meant for one batching
+    thread; concurrent calls are safe (CLIP/SigLIP tower calls serialise on a lock).
+    """
+
+    family: str
+    kind: EngineKind
+    llm_hidden_size: int
+    image_size: int  # side of one square crop / tile, pixels
+    num_rows_per_image: int  # fixed rows per image; 0 when it varies (OneVision)
+    supports_video: bool = False
+    pixel_values_extras: tuple[str, ...] = ()  # MediaInput fields that go with this family's pixel_values
+    device: torch.device
+    dtype: torch.dtype
+
+    def preprocess(self, media: MediaInput) -> PreparedInput:
+        """Validate `media` and run the image processor; raises InvalidArgumentError on bad input."""
+        given = [
+            name
+            for name, value in (
+                ("images", media.images),
+                ("video_frames", media.video_frames),
+                ("pixel_values", media.pixel_values),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise InvalidArgumentError(
+                f"give exactly one of images, video_frames or pixel_values (got {', '.join(given) or 'none'})"
+            )
+        extras = [
+            name
+            for name in ("image_sizes", "aspect_ratio_ids", "aspect_ratio_mask")
+            if getattr(media, name) is not None
+        ]
+        if extras and media.pixel_values is None:
+            raise InvalidArgumentError(f"{', '.join(extras)} only go with pixel_values")
+        unused = [name for name in extras if name not in self.pixel_values_extras]
+        if unused:
+            raise InvalidArgumentError(f"{', '.join(unused)} does not apply to {self.family} pixel_values")
+        if media.images is not None:
+            images = inputs.to_rgb_images(media.images)
+            num_prompt_images = len(images) if media.num_prompt_images is None else media.num_prompt_images
+            if num_prompt_images < len(images):
+                raise InvalidArgumentError(
+                    f"num_prompt_images is {num_prompt_images} but {len(images)} images were given"
+                )
+            return self._preprocess_images(images, num_prompt_images)
+        if media.video_frames is not None:
+            if not self.supports_video:
+                raise InvalidArgumentError(f"{self.family} does not accept video; send images instead")
+            return self._preprocess_video(inputs.check_video_frames(media.video_frames))
+        pixel_values = inputs.check_float_tensor(media.pixel_values, "pixel_values")
+        return self._prepare_pixel_values(pixel_values, media)
+
+    @abc.abstractmethod
+    def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
+        """RGB images (validated, non-empty) -> PreparedInput."""
+
+    def _preprocess_video(self, frames: np.ndarray) -> PreparedInput:
+        raise InvalidArgumentError(f"{self.family} does not accept video; send images instead")
+
+    @abc.abstractmethod
+    def _prepare_pixel_values(self, pixel_values: torch.Tensor, media: MediaInput) -> PreparedInput:
+        """Floating, finite pixel values -> PreparedInput, after a family-specific shape check."""
+
+    @abc.abstractmethod
+    def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
+        """Encode a batch in one model run; one output per image/video, in batch then item order."""
+
+    def submodules(self) -> dict[str, nn.Module]:
+        """The loaded modules by role (tower, projector, ...): every weight this engine holds.
+
+        Each adapter overrides it; the default (nothing) suits weightless test fakes.
+        """
+        return {}
+
+    def named_parameters(self):
+        """(name, parameter) over every loaded module, names prefixed with the role."""
+        for role, module in self.submodules().items():
+            for name, param in module.named_parameters():
+                yield f"{role}.{name}", param
+
+    def num_parameters(self) -> int:
+        return sum(param.numel() for _, param in self.named_parameters())
+
+    def _check_batch(self, batch: Sequence[PreparedInput]) -> bool:
+        """False for an empty batch; a PreparedInput of another family is a caller bug."""
+        for prepared in batch:
+            if prepared.family != self.family:
+                raise ValueError(f"a {prepared.family} input was sent to the {self.family} engine")
+        return bool(batch)
+
+    def _tower_batch(self, batch: Sequence[PreparedInput]) -> torch.Tensor:
+        """Concatenate the batch's pixel values on the engine device and dtype."""
+        pixel_values = torch.cat([p.pixel_values for p in batch]) if len(batch) > 1 else batch[0].pixel_values
+        return pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+
+def fixed_row_outputs(features: torch.Tensor, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
+    """Split [num_images, rows, hidden] of a one-row-per-image tower batch into per-image outputs."""
+    outputs, row = [], 0
+    for input_index, prepared in enumerate(batch):
+        for item_index in range(prepared.num_items):
+            outputs.append(
+                EncodedOutput(
+                    features=features[row].clone(),  # own storage: a cache entry must not pin the batch
+                    media="image",
+                    input_index=input_index,
+                    item_index=item_index,
+                    num_rows=features.shape[1],
+                    image_size=prepared.image_sizes[item_index],
+                )
+            )
+            row += 1
+    return outputs
+
+
+def frozen_parameters(**tensors: torch.Tensor) -> nn.ParameterDict:
+    """Loose tensors (query tokens, newline rows) as a module, so they count as loaded parameters."""
+    return nn.ParameterDict({name: nn.Parameter(t, requires_grad=False) for name, t in tensors.items()})

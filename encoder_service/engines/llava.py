@@ -1,0 +1,88 @@
+"""LLaVA-1.5: CLIP hidden state at `vision_feature_layer` (CLS dropped by the "default" strategy) -> MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import PIL.Image
+import torch
+from torch import nn
+from transformers import AutoModel, LlavaConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from encoder_service.engines import inputs
+from encoder_service.engines.base import (
+    PROMPT_TABLE,
+    EncodedOutput,
+    MediaInput,
+    PreparedInput,
+    VisualEngine,
+    fixed_row_outputs,
+)
+from encoder_service.engines.towers import LayerSelectingTower
+from encoder_service.engines.weights import CheckpointTensors, load_module_weights
+from encoder_service.hf_processors import load_processor
+
+TOWER_PREFIXES = ["vision_tower.", "model.vision_tower."]
+PROJECTOR_PREFIXES = ["multi_modal_projector.", "model.multi_modal_projector."]
+SELECT_STRATEGIES = ("default", "full")
+
+
+class LlavaEngine(VisualEngine):
+    family = "llava"
+    kind = PROMPT_TABLE
+
+    def __init__(self, checkpoint_dir: Path, *, device: torch.device, dtype: torch.dtype) -> None:
+        config = LlavaConfig.from_pretrained(checkpoint_dir)
+        if config.vision_feature_select_strategy not in SELECT_STRATEGIES:
+            raise ValueError(
+                f"unsupported vision_feature_select_strategy {config.vision_feature_select_strategy!r}"
+            )
+        self.device, self.dtype = device, dtype
+        self.image_processor = load_processor(checkpoint_dir).image_processor
+        vision = config.vision_config
+        self.image_size = vision.image_size
+        self.llm_hidden_size = config.text_config.hidden_size
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+        self.num_rows_per_image = (vision.image_size // vision.patch_size) ** 2 + (0 if self.drop_cls else 1)
+
+        checkpoint = CheckpointTensors(checkpoint_dir)
+        with torch.device(device):
+            tower = AutoModel.from_config(vision).eval()
+            self.projector = LlavaMultiModalProjector(config).eval()
+        load_module_weights(tower, checkpoint, TOWER_PREFIXES, what="vision tower")
+        load_module_weights(self.projector, checkpoint, PROJECTOR_PREFIXES, what="projector")
+        self.tower = LayerSelectingTower(tower, config.vision_feature_layer).to(dtype)
+        self.projector.to(dtype)
+
+    def submodules(self) -> dict[str, nn.Module]:
+        return {"vision_tower": self.tower, "multi_modal_projector": self.projector}
+
+    def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return PreparedInput(
+            family=self.family,
+            media="image",
+            pixel_values=pixel_values.float(),  # [n, 3, S, S]
+            num_crops=(1,) * len(images),
+            image_sizes=tuple((im.height, im.width) for im in images),
+        )
+
+    def _prepare_pixel_values(self, pixel_values: torch.Tensor, media: MediaInput) -> PreparedInput:
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        size = self.image_size
+        inputs.check_shape(pixel_values, "pixel_values", [None, 3, size, size], "[n, 3, H, W]")
+        count = pixel_values.shape[0]
+        return PreparedInput(self.family, "image", pixel_values, (1,) * count, (None,) * count)
+
+    @torch.no_grad()
+    def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
+        if not self._check_batch(batch):
+            return []
+        hidden = self.tower(self._tower_batch(batch))  # [N, 1 + P, vision_hidden * layers]
+        if self.drop_cls:
+            hidden = hidden[:, 1:]
+        features = self.projector(hidden).cpu()  # [N, rows, llm_hidden]
+        return fixed_row_outputs(features, batch)
