@@ -1,0 +1,114 @@
+"""Server assembly, separate from ``main`` so tests start real servers in-process.
+
+Lifecycle: ``build_server(config, engine)`` (bound, not started) -> ``start()`` (listening, health
+NOT_SERVING, Encode answers UNAVAILABLE) -> warm-up (one dummy encode) -> ``set_serving`` -> ...
+-> ``drain()`` (NOT_SERVING, in-flight RPCs finish) -> ``close()`` (batcher and pools stopped).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from encoder_service.config import EncoderConfig
+from encoder_service.engines.base import VisualEngine
+from encoder_service.fetch import MediaFetcher
+from encoder_service.pipeline import EncoderPipeline
+from encoder_service.service import SERVICE_NAME, EncoderService
+from vlm_protocol import media_ids
+from vlm_protocol.checkpoint_identity import model_fingerprint, processor_config_hash
+from vlm_protocol.errors import FailedPreconditionError
+from vlm_protocol.grpc_server import RunningServer, ServiceRegistration
+from vlm_protocol.grpc_server import build_server as build_grpc_server
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class EncoderServer:
+    """A built encoder server: the gRPC server (``running``) and the pipeline behind it."""
+
+    def __init__(self, running: RunningServer, pipeline: EncoderPipeline, service: EncoderService) -> None:
+        self.running = running
+        self.pipeline = pipeline
+        self.service = service
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def start(self, *, warm_up: bool = True) -> None:
+        """Listen (health NOT_SERVING), then, unless ``warm_up`` is False, warm up and report SERVING."""
+        await self.pipeline.start()
+        await self.running.start()
+        if warm_up:
+            await self.warm_up()
+
+    async def warm_up(self) -> None:
+        await self.pipeline.warm_up()
+        await self.running.set_serving()
+
+    async def drain(self, grace_period_s: float | None = None) -> None:
+        """Graceful stop (NOT_SERVING, in-flight RPCs finish), then release the pipeline."""
+        await self.running.drain(grace_period_s)
+        await self.pipeline.close()
+
+    async def stop_now(self) -> None:
+        await self.running.stop_now()
+        await self.pipeline.close()
+
+    async def close(self) -> None:
+        """Release the pipeline once the gRPC server has stopped (after a signal-driven drain)."""
+        await self.pipeline.close()
+
+
+def build_server(
+    config: EncoderConfig, engine: VisualEngine, *, fetcher: MediaFetcher | None = None
+) -> EncoderServer:
+    """Bind a server for ``engine`` (call inside the event loop that will run it; then ``start()``)."""
+    identity = media_ids.PreprocessingIdentity(
+        model_family=engine.family,
+        model_fingerprint=model_fingerprint(config.model_dir),
+        processor_config_hash=processor_config_hash(config.model_dir),
+    )
+    pipeline = EncoderPipeline(config, engine, identity, fetcher=fetcher)
+    service = EncoderService(pipeline, config)
+    registration = ServiceRegistration(_add_servicer, service, SERVICE_NAME)
+    running = build_grpc_server(config.server, [registration])
+    return EncoderServer(running, pipeline, service)
+
+
+def load_engine(config: EncoderConfig) -> VisualEngine:
+    """Load the visual engine the config names (eager modules from the checkpoint)."""
+    from encoder_service.engines import load_visual_engine
+
+    if config.engine_dir is not None:
+        raise FailedPreconditionError(
+            f"--engine-dir {config.engine_dir}: loading exported visual engines is not supported yet"
+        )
+    engine = load_visual_engine(
+        Path(config.model_dir), device=config.device, dtype=_TORCH_DTYPES[config.dtype]
+    )
+    logger.info(
+        "loaded %s visual engine (%s, hidden %d) from %s on %s/%s",
+        engine.family,
+        engine.kind,
+        engine.llm_hidden_size,
+        config.model_dir,
+        config.device,
+        config.dtype,
+    )
+    return engine
+
+
+def _add_servicer(servicer: EncoderService, server) -> None:
+    from vlm.v1 import encoder_service_pb2_grpc
+
+    encoder_service_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server)
