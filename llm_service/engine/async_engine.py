@@ -8,17 +8,21 @@ the batch. Adds and aborts go through a command queue and are applied between st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from llm_service.engine.engine_core import EngineCore, GenerationInput, RequestOutput
 from vlm_protocol.errors import InternalError, UnavailableError, VlmError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _IDLE_WAIT_S = 0.05
 
@@ -36,12 +40,17 @@ class _Collector:
     def put(self, output: RequestOutput) -> None:
         with self._lock:
             self._pending = output if self._pending is None else _merge(self._pending, output)
-        self._loop.call_soon_threadsafe(self._event.set)
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
             self._error = error
-        self._loop.call_soon_threadsafe(self._event.set)
+        self._wake()
+
+    def _wake(self) -> None:
+        # A closed loop means the reader is gone (its abort is queued): nothing to wake.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._event.set)
 
     async def get(self) -> RequestOutput:
         while True:
@@ -96,6 +105,8 @@ class AsyncLLMEngine:
         added: Future[None] = Future()
 
         def add() -> None:
+            if not added.set_running_or_notify_cancel():
+                return  # the caller was cancelled before the request got here: do not queue it
             try:
                 self.core.add_request(inp)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -105,7 +116,11 @@ class AsyncLLMEngine:
             added.set_result(None)
 
         self._commands.put(add)
-        await asyncio.wrap_future(added)
+        try:
+            await asyncio.wrap_future(added)
+        except asyncio.CancelledError:
+            self.abort(inp.request_id)  # queued after `add`, so it undoes it if the add went through
+            raise
         finished = False
         try:
             while True:
@@ -117,6 +132,23 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self.abort(inp.request_id)
+
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
+        """Run `fn(core)` on the engine thread between steps (e.g. tokenizer work) and return its result."""
+        if self._stopped.is_set():
+            raise UnavailableError("the engine is shut down")
+        done: Future[T] = Future()
+
+        def run() -> None:
+            if not done.set_running_or_notify_cancel():
+                return
+            try:
+                done.set_result(fn(self.core))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+        self._commands.put(run)
+        return await asyncio.wrap_future(done)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request from any thread; its blocks are freed before the next step."""

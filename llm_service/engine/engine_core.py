@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -75,6 +75,7 @@ class GenerationInput:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     triton_ensemble_format: bool = False  # wrap `prompt` in the original ensemble's family template
     add_special_tokens: bool = True
+    continue_final_message: bool = False  # chat: leave the last (assistant) message open
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # Timeline (time.monotonic()): when the engine queued the request (after tokenizing), how long
+    # tokenizing took, and when its first forward pass began.
+    arrival_time: float = 0.0
+    tokenize_time_s: float = 0.0
+    first_scheduled_time: float | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -101,6 +107,8 @@ class _Tracked:
     request: Request
     detokenizer: IncrementalDetokenizer
     arrival: float
+    tokenize_s: float = 0.0
+    first_scheduled: float | None = None
 
 
 def _load_chat_template(root: Path, tokenizer) -> str | None:
@@ -190,12 +198,14 @@ class EngineCore:
         if inp.request_id in self._tracked:
             raise InvalidArgumentError(f"request id {inp.request_id!r} is already in use")
         self._check_embeddings(inp.embeddings)
+        started = time.monotonic()
         token_ids, spans = self._tokenize(inp)
+        tokenize_s = time.monotonic() - started
         cross_ids = tuple(e.content_id for e in inp.embeddings if e.kind == CROSS_ATTENTION)
         request = Request(
             request_id=inp.request_id,
             prompt_token_ids=token_ids,
-            sampling_params=inp.sampling,
+            sampling_params=self._fit_to_context(inp.sampling, len(token_ids)),
             eos_token_ids=self.eos_token_ids,
             mm_spans=spans,
             cache_salt_keys=cross_ids,
@@ -206,7 +216,7 @@ class EngineCore:
         except Exception:
             self.scheduler.abort(request.request_id)
             raise
-        params = inp.sampling
+        params = request.sampling_params
         self._tracked[request.request_id] = _Tracked(
             request,
             IncrementalDetokenizer(
@@ -217,8 +227,17 @@ class EngineCore:
                 include_stop_str_in_output=params.include_stop_str_in_output,
             ),
             time.monotonic(),
+            tokenize_s,
         )
         return request
+
+    def _fit_to_context(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        # Generation stops at max_model_len (FINISH_REASON_LENGTH), so a max_tokens that would run
+        # past it is shortened, not refused. A prompt that fills the context is refused by the scheduler.
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1 or params.max_tokens <= room:
+            return params
+        return replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
     def _check_embeddings(self, embeddings: Sequence[MultimodalEmbedding]) -> None:
         want = CROSS_ATTENTION if self.runner.is_cross_attention_model else PROMPT_TABLE
@@ -255,17 +274,30 @@ class EngineCore:
             MultimodalItem(e.content_id, e.media_type, e.num_rows or int(e.features.shape[0]))
             for e in inp.embeddings
         ]
-        if inp.messages is not None:
-            text = self.prompt_builder.render_chat(inp.messages)
-            # Templates that write BOS themselves must not get a second one from the tokenizer.
-            bos = self.tokenizer.bos_token
-            add_special = not (bos and text.startswith(bos))
-        else:
-            text, add_special = inp.prompt, inp.add_special_tokens
-            if inp.triton_ensemble_format:
-                text = self.prompt_builder.ensemble_format(text, len(items))
+        text, add_special = self.render_prompt(inp)
         tokenized = self.prompt_builder.tokenize(text, items, add_special_tokens=add_special)
         return tokenized.token_ids, tokenized.mm_spans
+
+    def tokenize_prompt(self, inp: GenerationInput) -> tuple[str, list[int]]:
+        """The rendered prompt text and the token ids `add_request` would queue (placeholders expanded)."""
+        self._check_embeddings(inp.embeddings)
+        return self.render_prompt(inp)[0], list(self._tokenize(inp)[0])
+
+    def render_prompt(self, inp: GenerationInput) -> tuple[str, bool]:
+        """The prompt text after templating, and whether the tokenizer should add special tokens."""
+        if inp.messages is not None:
+            text = self.prompt_builder.render_chat(
+                inp.messages,
+                add_generation_prompt=not inp.continue_final_message,
+                continue_final_message=inp.continue_final_message,
+            )
+            # Templates that write BOS themselves must not get a second one from the tokenizer.
+            bos = self.tokenizer.bos_token
+            return text, not (bos and text.startswith(bos))
+        text = inp.prompt or ""
+        if inp.triton_ensemble_format:
+            text = self.prompt_builder.ensemble_format(text, len(inp.embeddings))
+        return text, inp.add_special_tokens
 
     def abort(self, request_id: str) -> bool:
         tracked = self._tracked.pop(request_id, None)
@@ -281,6 +313,11 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        now = time.monotonic()
+        for chunk in scheduled.chunks:
+            tracked = self._tracked.get(chunk.request_id)
+            if tracked is not None and tracked.first_scheduled is None:
+                tracked.first_scheduled = now
         runner_output = self.runner.execute(scheduled, self.scheduler.requests)
         outputs = []
         for update in self.scheduler.update_from_output(scheduled, runner_output):
@@ -313,4 +350,7 @@ class EngineCore:
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_prompt_tokens=request.num_cached_prompt_tokens,
             num_output_tokens=len(request.output_token_ids),
+            arrival_time=tracked.arrival,
+            tokenize_time_s=tracked.tokenize_s,
+            first_scheduled_time=tracked.first_scheduled,
         )

@@ -68,14 +68,28 @@ class PromptBuilder:
         self.spec = spec
         self.chat_template = chat_template
 
-    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[dict],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> str:
         """Render chat messages ({"role", "content": str | [{"type": "text"|"image"|"video", ...}]})."""
         if not self.chat_template:
             raise FailedPreconditionError(
                 "this checkpoint has no chat template: send `prompt` text instead of chat messages"
             )
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise InvalidArgumentError(
+                "continue_final_message needs the last chat message to be an assistant turn"
+            )
         return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages),
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
         )
 
     def ensemble_format(self, text: str, num_images: int) -> str:
@@ -109,10 +123,18 @@ class PromptBuilder:
             num_leading += 1
         return self.spec.image_token * num_leading + bos + stripped
 
-    def tokenize(self, text: str, items: Sequence[MultimodalItem], *, add_special_tokens: bool = True) -> TokenizedPrompt:
+    def encode_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` with each placeholder left as its single token (before expansion)."""
         if self.family == "mllama":  # HF applies this to every prompt, images or not
             text = self._mllama_text(text)
-        base_ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def placeholder_token_ids(self) -> dict[int, str]:
+        """Placeholder token id -> media type (IMAGE or VIDEO)."""
+        return self._placeholder_ids()
+
+    def tokenize(self, text: str, items: Sequence[MultimodalItem], *, add_special_tokens: bool = True) -> TokenizedPrompt:
+        base_ids = self.encode_text(text, add_special_tokens=add_special_tokens)
         placeholders = self._placeholder_ids()
         found = [(pos, placeholders[t]) for pos, t in enumerate(base_ids) if t in placeholders]
         items = list(items)

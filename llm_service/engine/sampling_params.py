@@ -8,6 +8,8 @@ from vlm_protocol.errors import InvalidArgumentError
 
 _MAX_STOP_STRINGS = 16
 _MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = _MAX_STOP_STRINGS  # reported to clients as request limits
+MAX_TOP_LOGPROBS = _MAX_TOP_LOGPROBS
 
 
 @dataclass(frozen=True)

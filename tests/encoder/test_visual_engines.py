@@ -288,7 +288,8 @@ def test_batch_equals_one_by_one(engine, family):
     assert len(batched) == len(alone)
     for together, single in zip(batched, alone, strict=True):
         assert together.features.shape == single.features.shape
-        assert (together.features - single.features).abs().max().item() <= 1e-6
+        # bit-identical on some CPUs; other BLAS builds pick other kernels per batch size
+        assert (together.features - single.features).abs().max().item() <= 1e-5
         assert (together.num_rows, together.num_crops, together.media) == (
             single.num_rows,
             single.num_crops,

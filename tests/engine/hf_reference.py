@@ -96,8 +96,10 @@ class HFReference:
                 for i, n in enumerate(num_tiles)
             ]
         embeds = captured["inputs_embeds"][0]  # [S, H]
-        placeholder_ids = {self.config.image_token_id}
-        video_id = getattr(self.config, "video_token_id", None)
+        # transformers 5.17 names these *_token_index on some configs, 5.24 *_token_id
+        image_id = getattr(self.config, "image_token_id", None) or self.config.image_token_index
+        placeholder_ids = {image_id}
+        video_id = getattr(self.config, "video_token_id", None) or getattr(self.config, "video_token_index", None)
         if video_id is not None:
             placeholder_ids.add(video_id)
         # consecutive runs of the same placeholder id are one image (or video)

@@ -57,6 +57,19 @@ def _images(seed: int, count: int) -> list[Image.Image]:
     ]
 
 
+def _video_frames(seed: int, count: int) -> list[Image.Image]:
+    """Frames of one video: all the same size (HF's video processor requires it)."""
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray((rng.rand(36, 44, 3) * 255).astype(np.uint8)) for _ in range(count)]
+
+
+def run_case(hf, seed: int, prompt: str, num_images: int, max_new_tokens: int):
+    """HF reference of one CASES entry (images, a video, or text only)."""
+    if num_images == VIDEO_FRAMES:
+        return hf.run(prompt, None, max_new_tokens, videos=[_video_frames(seed, -VIDEO_FRAMES)])
+    return hf.run(prompt, _images(seed, num_images) or None, max_new_tokens)
+
+
 @pytest.fixture(scope="module")
 def references(tiny_checkpoint):
     """family -> (checkpoint, [(prompt, Reference)]), computed once per family."""
@@ -66,14 +79,10 @@ def references(tiny_checkpoint):
         if family not in cache:
             ckpt = tiny_checkpoint(family)
             hf = VilaHFReference(ckpt) if family == "vila" else HFReference(family, ckpt)
-            refs = []
-            for seed, (prompt, num_images) in enumerate(CASES[family]):
-                if num_images == VIDEO_FRAMES:
-                    frames = _images(seed, -VIDEO_FRAMES)
-                    refs.append((prompt, hf.run(prompt, None, MAX_NEW_TOKENS, videos=[frames])))
-                    continue
-                images = _images(seed, num_images)
-                refs.append((prompt, hf.run(prompt, images or None, MAX_NEW_TOKENS)))
+            refs = [
+                (prompt, run_case(hf, seed, prompt, num_images, MAX_NEW_TOKENS))
+                for seed, (prompt, num_images) in enumerate(CASES[family])
+            ]
             cache[family] = (ckpt, refs)
         return cache[family]
 

@@ -14,7 +14,7 @@ import torch
 from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput
 from llm_service.engine.sampling_params import SamplingParams
 from tests.engine.hf_reference import HFReference, VilaHFReference
-from tests.engine.test_engine_parity import CASES, _images
+from tests.engine.test_engine_parity import CASES, run_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,9 +25,9 @@ FAMILIES = ["llava", "blip2", "vila", "llava_onevision", "mllama"]
 MAX_NEW = 8
 
 
-def _reference(family, ckpt, prompt, images):
+def _reference(family, ckpt, seed, prompt, num_images):
     hf = VilaHFReference(ckpt) if family == "vila" else HFReference(family, ckpt)
-    return hf.run(prompt, images or None, MAX_NEW)
+    return run_case(hf, seed, prompt, num_images, MAX_NEW)
 
 
 def _run(ckpt, prompt, ref, dtype: str, **sampling) -> tuple[list[int], list]:
@@ -53,7 +53,7 @@ def _run(ckpt, prompt, ref, dtype: str, **sampling) -> tuple[list[int], list]:
 def test_fp32_on_cuda_matches_hf_exactly(tiny_checkpoint, family):
     ckpt = tiny_checkpoint(family)
     for seed, (prompt, num_images) in enumerate(CASES[family]):
-        ref = _reference(family, ckpt, prompt, _images(seed, num_images))
+        ref = _reference(family, ckpt, seed, prompt, num_images)
         assert _run(ckpt, prompt, ref, "float32")[0] == ref.output_token_ids, prompt
 
 
@@ -61,7 +61,7 @@ def test_fp32_on_cuda_matches_hf_exactly(tiny_checkpoint, family):
 def test_bf16_on_cuda_within_tolerance(tiny_checkpoint, family):
     ckpt = tiny_checkpoint(family)
     for seed, (prompt, num_images) in enumerate(CASES[family]):
-        ref = _reference(family, ckpt, prompt, _images(seed, num_images))  # HF, fp32
+        ref = _reference(family, ckpt, seed, prompt, num_images)  # HF, fp32
         tokens, logprobs = _run(ckpt, prompt, ref, "bfloat16", logprobs=True, top_logprobs=5)
         assert tokens[0] == ref.output_token_ids[0], prompt
         _, top = logprobs[0]

@@ -19,8 +19,19 @@ _SCRIPT = textwrap.dedent(
     else:
         raise SystemExit("torch import was not blocked")
 
+    import importlib
+    import pkgutil
+
     import numpy as np
     import client_sdk
+    # every module of the SDK (and the demo driver, which must stay light too)
+    import vlm_demo
+    for package in (client_sdk, vlm_demo):
+        for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            importlib.import_module(module.name)
+    assert "client_sdk.async_client" in sys.modules and "client_sdk.cli" in sys.modules
+    client = client_sdk.Client("127.0.0.1:1", "127.0.0.1:1")
+    client.close()
     from vlm_protocol import tensor_codec
 
     png = b"\\x89PNG fake bytes are fine for hashing"

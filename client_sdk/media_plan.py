@@ -1,0 +1,172 @@
+"""Ids-first bookkeeping for the media of one ``generate`` call (protos/README.md, "The ids-first protocol").
+
+No I/O: the sync and async clients drive the same plan through the same steps:
+
+1. ``lookup_request`` -> ``EncoderService.LookupEmbeddings`` -> ``apply_lookup``;
+2. ``encode_request`` (only what the encoder lacks, and URLs) -> ``Encode`` -> ``apply_encode``;
+3. ``llm_inputs()`` (content ids only) -> ``LlmService.Generate``;
+4. on NOT_FOUND: ``upload_ids(trailer)``; fetch what is not held locally (``fetch_request`` ->
+   ``LookupEmbeddings(return_embeddings)`` -> ``apply_fetch``; still missing: encode again) and resend
+   with ``llm_inputs(upload)``, which carries those embeddings whole.
+
+The encoder's ids are authoritative: an item's id is replaced by the one ``Encode`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+from vlm.v1 import common_pb2, encoder_service_pb2, llm_service_pb2
+
+from client_sdk.errors import InternalError, NotFoundError
+from client_sdk.media import PreparedMedia
+from vlm_protocol.media_ids import PreprocessingIdentity
+
+logger = logging.getLogger(__name__)
+
+
+class MediaPlan:
+    """Content ids, cache outcomes and embeddings of one request's media, in request order."""
+
+    def __init__(
+        self,
+        media: Sequence[PreparedMedia],
+        identity: PreprocessingIdentity | None,
+        *,
+        default_num_frames: int = 0,
+    ) -> None:
+        self.media = list(media)
+        self.uses_encoder = identity is not None  # False: text only, or one-call mode
+        self.content_ids: list[str | None] = [
+            m.content_id(identity, default_num_frames=default_num_frames) if identity else None
+            for m in self.media
+        ]
+        self.embeddings: dict[str, common_pb2.Embedding] = {}
+        self.encoder_cache_hits = 0
+        self.tensors_uploaded = 0
+        self.ids_disagree = False  # the encoder computed other ids than we did (identity changed?)
+        self._found: set[str] = set()
+        # what makes two items the same input: the local id, else (URLs) the wire form
+        self._keys: list[str | bytes] = [
+            cid or m.item.SerializeToString(deterministic=True)
+            for m, cid in zip(self.media, self.content_ids, strict=True)
+        ]
+
+    # --- encoder ------------------------------------------------------------------------------
+
+    def lookup_request(self) -> encoder_service_pb2.LookupEmbeddingsRequest | None:
+        """Ask the encoder which locally known ids it holds; None when no id is known (URLs only)."""
+        ids = _unique(cid for cid in self.content_ids if cid)
+        return encoder_service_pb2.LookupEmbeddingsRequest(content_ids=ids) if ids else None
+
+    def apply_lookup(self, response: encoder_service_pb2.LookupEmbeddingsResponse) -> None:
+        found = set(response.found_content_ids) & set(self.content_ids)
+        self._found |= found
+        self.encoder_cache_hits += len(found)
+
+    def encode_indices(self) -> list[int]:
+        """Items the encoder must see: unknown ids (URLs) and ids it does not hold, one per distinct input."""
+        indices, seen = [], set()
+        for i, (cid, key) in enumerate(zip(self.content_ids, self._keys, strict=True)):
+            if (cid is None or cid not in self._found) and key not in seen:
+                seen.add(key)
+                indices.append(i)
+        return indices
+
+    def encode_request(self, indices: Sequence[int], request_id: str) -> encoder_service_pb2.EncodeRequest:
+        return encoder_service_pb2.EncodeRequest(
+            request_id=request_id, items=[self.media[i].item for i in indices]
+        )
+
+    def apply_encode(self, indices: Sequence[int], response: encoder_service_pb2.EncodeResponse) -> None:
+        if len(response.results) != len(indices):
+            raise InternalError(
+                f"the encoder returned {len(response.results)} results for {len(indices)} items"
+            )
+        for i, encoded in zip(indices, response.results, strict=True):
+            served_id = encoded.embedding.content_id
+            if self.content_ids[i] is not None and self.content_ids[i] != served_id:
+                self.ids_disagree = True
+                logger.warning(
+                    "encoder content id %s differs from the local one %s", served_id, self.content_ids[i]
+                )
+            for j, key in enumerate(self._keys):  # duplicates of item i share its id
+                if key == self._keys[i]:
+                    self.content_ids[j] = served_id
+            self.embeddings[served_id] = encoded.embedding
+            self._found.add(served_id)
+            if encoded.cached:
+                self.encoder_cache_hits += 1
+
+    # --- LLM ----------------------------------------------------------------------------------
+
+    @property
+    def resolved_ids(self) -> tuple[str, ...]:
+        return tuple(cid or "" for cid in self.content_ids)
+
+    def llm_inputs(self, upload: Collection[str] = ()) -> list[llm_service_pb2.MultimodalInput]:
+        """One input per item: the whole embedding for ids in ``upload`` (once per id), else the id."""
+        inputs, sent = [], set()
+        for cid in self.content_ids:
+            if cid is None:
+                raise AssertionError("llm_inputs before every item has a content id")
+            if cid in upload and cid not in sent:
+                sent.add(cid)
+                inputs.append(llm_service_pb2.MultimodalInput(embedding=self.embeddings[cid]))
+            else:
+                inputs.append(llm_service_pb2.MultimodalInput(content_id=cid))
+        return inputs
+
+    def raw_inputs(self) -> list[llm_service_pb2.MultimodalInput]:
+        """One-call mode: the raw media, for the LLM service to encode through its encoder."""
+        return [llm_service_pb2.MultimodalInput(media=m.item) for m in self.media]
+
+    def upload_ids(self, missing: Iterable[str]) -> set[str]:
+        """Ids to resend whole after NOT_FOUND: those named by the trailer (all of ours if it names none)."""
+        ours = {cid for cid in self.content_ids if cid}
+        named = set(missing)
+        upload = named & ours if named else ours
+        if not upload:
+            raise NotFoundError(
+                f"the LLM service reported unknown content ids that this request did not send: {sorted(named)}"
+            )
+        return upload
+
+    def fetch_request(self, upload: Collection[str]) -> encoder_service_pb2.LookupEmbeddingsRequest | None:
+        """Fetch from the encoder the embeddings to upload that this call did not encode itself."""
+        ids = [cid for cid in _unique(self.content_ids) if cid in upload and cid not in self.embeddings]
+        return (
+            encoder_service_pb2.LookupEmbeddingsRequest(content_ids=ids, return_embeddings=True)
+            if ids
+            else None
+        )
+
+    def apply_fetch(self, response: encoder_service_pb2.LookupEmbeddingsResponse) -> None:
+        for embedding in response.embeddings:
+            self.embeddings[embedding.content_id] = embedding
+
+    def reencode_indices(self, upload: Collection[str]) -> list[int]:
+        """Items whose embedding is still missing (the encoder evicted it): encode them again."""
+        indices, seen = [], set()
+        for i, cid in enumerate(self.content_ids):
+            if cid in upload and cid not in self.embeddings and cid not in seen:
+                seen.add(cid)
+                indices.append(i)
+        return indices
+
+    def count_upload(self, upload: Collection[str]) -> None:
+        self.tensors_uploaded += len(upload)
+
+    def result_extras(self) -> dict[str, Any]:
+        """The SDK's counters for GenerateResult / the final StreamDelta."""
+        return {
+            "encoder_cache_hits": self.encoder_cache_hits,
+            "tensors_uploaded": self.tensors_uploaded,
+            "content_ids": self.resolved_ids,
+        }
+
+
+def _unique(values: Iterable[str | None]) -> list[str]:
+    return list(dict.fromkeys(v for v in values if v))

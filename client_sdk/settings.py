@@ -1,0 +1,90 @@
+"""Client settings: service addresses (arguments, else environment, else defaults), timeout, channel options.
+
+The environment is read when a client is constructed, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client_sdk.errors import InvalidArgumentError
+
+ENCODER_ADDRESS_ENV = "VLM_ENCODER_ADDR"
+LLM_ADDRESS_ENV = "VLM_LLM_ADDR"
+DEFAULT_ENCODER_ADDRESS = "localhost:50051"
+DEFAULT_LLM_ADDRESS = "localhost:50052"
+DEFAULT_TIMEOUT_S = 60.0
+# Both servers default to 256 MiB (protos/README.md, "Message size limits"); the smaller side wins.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+USER_AGENT = "vlm-client-sdk/0.1"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Validated settings of one client.
+
+    Attributes:
+      encoder_address: ``host:port`` of the encoder service.
+      llm_address: ``host:port`` of the LLM service.
+      timeout_s: budget of one ``generate`` call, all RPCs included (each RPC gets what is left).
+      max_message_bytes: send and receive limit of both channels.
+      one_call: send raw media to the LLM service, which encodes them through its own encoder
+        (it must run with ``--encoder-address``); the encoder address is then unused.
+      extra_channel_options: appended to the channel options (e.g. keepalive settings).
+    """
+
+    encoder_address: str
+    llm_address: str
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    one_call: bool = False
+    extra_channel_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("encoder_address", "llm_address"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidArgumentError(f"{name} must be a non-empty 'host:port' string, got {value!r}")
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, (int, float))
+            or not self.timeout_s > 0
+        ):
+            raise InvalidArgumentError(
+                f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}"
+            )
+        if not 1 <= self.max_message_bytes <= _MAX_GRPC_MESSAGE_BYTES:
+            raise InvalidArgumentError(
+                f"max_message_bytes must be in [1, {_MAX_GRPC_MESSAGE_BYTES}], got {self.max_message_bytes}"
+            )
+
+    @classmethod
+    def resolve(
+        cls,
+        encoder_address: str | None = None,
+        llm_address: str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        **kwargs: Any,
+    ) -> ClientSettings:
+        """Settings from arguments, falling back to $VLM_ENCODER_ADDR / $VLM_LLM_ADDR, then the defaults."""
+        env = os.environ if environ is None else environ
+        return cls(
+            encoder_address=encoder_address or env.get(ENCODER_ADDRESS_ENV) or DEFAULT_ENCODER_ADDRESS,
+            llm_address=llm_address or env.get(LLM_ADDRESS_ENV) or DEFAULT_LLM_ADDRESS,
+            extra_channel_options=tuple(channel_options),
+            **kwargs,
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.primary_user_agent", USER_AGENT),
+            *self.extra_channel_options,
+        ]

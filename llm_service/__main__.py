@@ -1,0 +1,172 @@
+"""`python -m llm_service --model DIR [--port N] [...]` (console script `vlm-llm`): serve one checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from llm_service.config import DEFAULT_PORT, LlmServiceConfig, MiB
+from vlm_protocol.errors import InvalidArgumentError
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "m": MiB,
+    "mib": MiB,
+    "g": 1024 * MiB,
+    "gib": 1024 * MiB,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'268435456', '256MiB', '2G' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 1048576, 512MiB or 2GiB")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-llm",
+        description="Serve a vision-language model's LLM side (vlm.v1.LlmService) over gRPC.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory (HF layout; VILA with llm/)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0", help="interface to bind")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0 = any free port)")
+    server.add_argument(
+        "--max-message-bytes",
+        type=parse_bytes,
+        default=256 * MiB,
+        help="largest gRPC message sent or received",
+    )
+    server.add_argument(
+        "--grace-period-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long in-flight requests may finish",
+    )
+    server.add_argument(
+        "--drain-delay-s",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, how long to report NOT_SERVING before refusing calls",
+    )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests generated at once")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    kv = engine.add_mutually_exclusive_group()
+    kv.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
+    kv.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        default=0.85,
+        help="KV cache size as a fraction of the GPU memory free after loading",
+    )
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    engine.add_argument(
+        "--max-model-len", type=int, default=None, help="context limit (default: the checkpoint's)"
+    )
+    engine.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=1024,
+        help="waiting requests; beyond it calls fail with RESOURCE_EXHAUSTED",
+    )
+    engine.add_argument(
+        "--max-prefill-chunk-tokens",
+        type=int,
+        default=None,
+        help="longest prompt chunk of one request per step (default: the step budget)",
+    )
+    engine.add_argument("--no-prefix-caching", action="store_true", help="disable KV prefix reuse")
+    engine.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+    service = parser.add_argument_group("service")
+    service.add_argument(
+        "--embedding-cache-bytes",
+        type=parse_bytes,
+        default=2048 * MiB,
+        help="budget of the content-id embedding cache (0 disables it)",
+    )
+    service.add_argument(
+        "--encoder-address",
+        default=None,
+        help="host:port of an EncoderService; enables raw media inputs (one-call mode)",
+    )
+    service.add_argument("--encoder-timeout-s", type=float, default=60.0, help="limit for one Encode call")
+    service.add_argument(
+        "--default-max-tokens", type=int, default=256, help="max_tokens when a request sends 0"
+    )
+    service.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=None,
+        help="server-side limit per request (default: only the client's deadline)",
+    )
+    service.add_argument("--max-multimodal-inputs", type=int, default=16, help="images/videos per request")
+    service.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
+    return LlmServiceConfig(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_bytes,
+        grace_period_s=args.grace_period_s,
+        drain_delay_s=args.drain_delay_s,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_memory_fraction=args.kv_memory_fraction,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        max_queue_size=args.max_queue_size,
+        max_prefill_chunk_tokens=args.max_prefill_chunk_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+        embedding_cache_bytes=args.embedding_cache_bytes,
+        encoder_address=args.encoder_address,
+        encoder_timeout_s=args.encoder_timeout_s,
+        default_max_tokens=args.default_max_tokens,
+        request_timeout_s=args.request_timeout_s,
+        max_multimodal_inputs=args.max_multimodal_inputs,
+        warmup=not args.no_warmup,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except InvalidArgumentError as exc:
+        parser.error(str(exc))
+    from llm_service.server import serve  # torch and the model code load only once the flags are valid
+
+    try:
+        asyncio.run(serve(config))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        logging.getLogger("llm_service").error("cannot serve %s: %s", config.model_dir, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
