@@ -136,4 +136,5 @@ def test_greedy_matches_hf(references, family, num_requests):
         for i, (rid, tokens) in enumerate(sorted(outputs.items(), key=lambda kv: int(kv[0].split("-")[1]))):
             prompt, ref = run_cases[i % len(run_cases)]
             assert tokens == ref.output_token_ids, f"{family} {rid} ({prompt!r})"
-            assert len(set(tokens)) >= 3, "degenerate reference: the tiny checkpoint repeats one token"
+            if len(tokens) == MAX_NEW_TOKENS:  # (a reference may also end early on EOS)
+                assert len(set(tokens)) >= 3, "degenerate reference: the tiny checkpoint repeats one token"
