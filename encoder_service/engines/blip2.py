@@ -19,6 +19,7 @@ from encoder_service.engines.base import (
     VisualEngine,
     fixed_row_outputs,
     frozen_parameters,
+    to_host,
 )
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights, load_tensor
 from encoder_service.hf_processors import load_processor
@@ -96,5 +97,5 @@ class Blip2Engine(VisualEngine):
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=attention_mask,
         ).last_hidden_state  # [N, Q, qformer_hidden] fp32
-        features = self.language_projection(query_output.to(self.dtype)).cpu()  # [N, Q, llm_hidden]
+        features = to_host(self.language_projection(query_output.to(self.dtype)))  # [N, Q, llm_hidden]
         return fixed_row_outputs(features, batch)

@@ -19,6 +19,7 @@ from encoder_service.engines.base import (
     PreparedInput,
     VisualEngine,
     fixed_row_outputs,
+    to_host,
 )
 from encoder_service.engines.towers import LayerSelectingTower
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
@@ -84,5 +85,5 @@ class LlavaEngine(VisualEngine):
         hidden = self.tower(self._tower_batch(batch))  # [N, 1 + P, vision_hidden * layers]
         if self.drop_cls:
             hidden = hidden[:, 1:]
-        features = self.projector(hidden).cpu()  # [N, rows, llm_hidden]
+        features = to_host(self.projector(hidden))  # [N, rows, llm_hidden]
         return fixed_row_outputs(features, batch)

@@ -37,6 +37,7 @@ from encoder_service.engines.base import (
     PreparedInput,
     VisualEngine,
     frozen_parameters,
+    to_host,
 )
 from encoder_service.engines.towers import LayerSelectingTower
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights, load_tensor
@@ -193,7 +194,7 @@ class LlavaOnevisionEngine(VisualEngine):
                     rows = torch.cat([crops[0], newline[None]])
                 outputs.append(
                     EncodedOutput(
-                        features=rows.cpu(),
+                        features=to_host(rows),
                         media=prepared.media,
                         input_index=input_index,
                         item_index=item_index,

@@ -23,6 +23,7 @@ from encoder_service.engines.base import (
     MediaInput,
     PreparedInput,
     VisualEngine,
+    to_host,
 )
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
 from encoder_service.hf_processors import load_processor
@@ -140,7 +141,7 @@ class MllamaEngine(VisualEngine):
             aspect_ratio_ids=ids[:, None],
             aspect_ratio_mask=masks[:, None],
         ).last_hidden_state  # [N, 1, max_tiles, num_patches, vision_output_dim]
-        features = self.projector(hidden).cpu()  # [N, 1, max_tiles, num_patches, llm_hidden]
+        features = to_host(self.projector(hidden))  # [N, 1, max_tiles, num_patches, llm_hidden]
         outputs, row = [], 0
         for input_index, prepared in enumerate(batch):
             for item_index in range(prepared.num_items):

@@ -25,6 +25,7 @@ from encoder_service.engines.base import (
     PreparedInput,
     VisualEngine,
     fixed_row_outputs,
+    to_host,
 )
 from encoder_service.engines.towers import LayerSelectingTower
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
@@ -111,5 +112,5 @@ class VilaEngine(VisualEngine):
         hidden = self.tower(self._tower_batch(batch))  # [N, side * side, vision_hidden]
         if self.select_feature == "patch":
             hidden = hidden[:, 1:]
-        features = self.projector(hidden).cpu()  # [N, ceil(side / 2) ** 2, llm_hidden]
+        features = to_host(self.projector(hidden))  # [N, ceil(side / 2) ** 2, llm_hidden]
         return fixed_row_outputs(features, batch)
