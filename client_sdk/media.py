@@ -29,6 +29,7 @@ from vlm_protocol.media_ids import (
     PreprocessingIdentity,
     array_media_id,
     encoded_media_id,
+    prompt_images_key,
 )
 from vlm_protocol.tensor_codec import encode_numpy
 
@@ -59,10 +60,18 @@ class PreparedMedia:
     def is_url(self) -> bool:
         return self.payload is None
 
-    def content_id(self, identity: PreprocessingIdentity, *, default_num_frames: int = 0) -> str | None:
-        """The id the encoder will give this item, or None for URLs (known only after fetching)."""
+    def content_id(
+        self, identity: PreprocessingIdentity, *, default_num_frames: int = 0, num_prompt_images: int = 1
+    ) -> str | None:
+        """The id the encoder will give this item, or None for URLs (known only after fetching).
+
+        `num_prompt_images` is the number of images in the prompt (LLaVA-OneVision encodes an image
+        differently when it is not alone)."""
         if self.payload is None or self.id_kind is None:
             return None
+        prompt_images = None
+        if self.media_type != VIDEO:
+            prompt_images = prompt_images_key(identity.model_family, num_prompt_images)
         frames: int | None = None
         if self.media_type == VIDEO:
             if self.num_frames > 0:
@@ -72,8 +81,12 @@ class PreparedMedia:
             else:
                 frames = default_num_frames
         if isinstance(self.payload, np.ndarray):
-            return array_media_id(self.id_kind, self.payload, identity, num_frames=frames)
-        return encoded_media_id(self.id_kind, self.payload, identity, num_frames=frames)
+            return array_media_id(
+                self.id_kind, self.payload, identity, num_frames=frames, num_prompt_images=prompt_images
+            )
+        return encoded_media_id(
+            self.id_kind, self.payload, identity, num_frames=frames, num_prompt_images=prompt_images
+        )
 
 
 def _decode_data_uri(uri: str) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any
 from vlm.v1 import common_pb2, encoder_service_pb2, llm_service_pb2
 
 from client_sdk.errors import InternalError, NotFoundError
-from client_sdk.media import PreparedMedia
+from client_sdk.media import VIDEO, PreparedMedia
 from vlm_protocol.media_ids import PreprocessingIdentity
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,11 @@ class MediaPlan:
     ) -> None:
         self.media = list(media)
         self.uses_encoder = identity is not None  # False: text only, or one-call mode
+        self.num_prompt_images = sum(m.media_type != VIDEO for m in self.media)
         self.content_ids: list[str | None] = [
-            m.content_id(identity, default_num_frames=default_num_frames) if identity else None
+            m.content_id(identity, default_num_frames=default_num_frames, num_prompt_images=self.num_prompt_images)
+            if identity
+            else None
             for m in self.media
         ]
         self.embeddings: dict[str, common_pb2.Embedding] = {}
@@ -77,7 +80,9 @@ class MediaPlan:
 
     def encode_request(self, indices: Sequence[int], request_id: str) -> encoder_service_pb2.EncodeRequest:
         return encoder_service_pb2.EncodeRequest(
-            request_id=request_id, items=[self.media[i].item for i in indices]
+            request_id=request_id,
+            items=[self.media[i].item for i in indices],
+            num_prompt_images=self.num_prompt_images,
         )
 
     def apply_encode(self, indices: Sequence[int], response: encoder_service_pb2.EncodeResponse) -> None:

@@ -7,6 +7,7 @@ Wire-level checks happen here (which oneof is set, tensor dtype and shape form, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,7 +51,11 @@ _ROWS_RULES = {
 
 
 def items_from_request(request: encoder_service_pb2.EncodeRequest) -> list[MediaRequestItem]:
-    return [_item_from_proto(index, item) for index, item in enumerate(request.items)]
+    items = [_item_from_proto(index, item) for index, item in enumerate(request.items)]
+    if request.num_prompt_images < 0:
+        raise InvalidArgumentError(f"num_prompt_images must be >= 0, got {request.num_prompt_images}")
+    num_images = request.num_prompt_images or sum(item.media_type == "image" for item in items)
+    return [dataclasses.replace(item, num_prompt_images=max(num_images, 1)) for item in items]
 
 
 def _item_from_proto(index: int, item: common_pb2.MediaItem) -> MediaRequestItem:

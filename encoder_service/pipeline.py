@@ -60,6 +60,7 @@ class MediaRequestItem:
     array: np.ndarray | None = None
     num_frames: int = 0
     client_content_id: str = ""
+    num_prompt_images: int = 1  # images in the prompt this item is for (LLaVA-OneVision tiles only alone)
 
 
 @dataclass(frozen=True)
@@ -337,19 +338,28 @@ class EncoderPipeline:
 
     def _content_id(self, item: MediaRequestItem, payload: bytes | np.ndarray, num_frames: int) -> str:
         identity = self.identity
+        prompt_images = None
+        if item.media_type == "image":
+            prompt_images = media_ids.prompt_images_key(self.engine.family, item.num_prompt_images)
         if isinstance(payload, bytes):
             if item.media_type == "video":
                 return media_ids.encoded_media_id(
                     media_ids.VIDEO_BYTES, payload, identity, num_frames=num_frames
                 )
-            return media_ids.encoded_media_id(media_ids.IMAGE_BYTES, payload, identity)
+            return media_ids.encoded_media_id(
+                media_ids.IMAGE_BYTES, payload, identity, num_prompt_images=prompt_images
+            )
         kind = {
             "pixels": media_ids.IMAGE_PIXELS,
             "pixel_values": media_ids.IMAGE_PIXEL_VALUES,
             "frames": media_ids.VIDEO_FRAMES,
         }[item.source]
         return media_ids.array_media_id(
-            kind, payload, identity, num_frames=num_frames if item.media_type == "video" else None
+            kind,
+            payload,
+            identity,
+            num_frames=num_frames if item.media_type == "video" else None,
+            num_prompt_images=prompt_images,
         )
 
     async def _encode_loaded(
@@ -382,7 +392,7 @@ class EncoderPipeline:
                 else:
                     image = media.image_from_pixels(payload, max_image_pixels=limits.max_image_pixels)
                 source_size = (image.height, image.width)
-                media_input = MediaInput(images=[image])
+                media_input = MediaInput(images=[image], num_prompt_images=item.num_prompt_images)
         else:
             if isinstance(payload, bytes):
                 frames = media.decode_video(

@@ -43,7 +43,11 @@ CASES: dict[str, list[tuple[str, int]]] = {
         ("A chat. USER: <image>\nDescribe the image. ASSISTANT:", 1),
         ("USER: <image>\n<image>\nWhat differs between these? ASSISTANT:", 2),
     ],
-    "llava_onevision": [("<|im_start|>user <image>\nWhat is this?<|im_end|><|im_start|>assistant\n", 1)],
+    "llava_onevision": [
+        ("<|im_start|>user <image>\nWhat is this?<|im_end|><|im_start|>assistant\n", 1),
+        # several images: OneVision encodes each as one crop, not anyres tiles (num_prompt_images)
+        ("<|im_start|>user <image>\n<image>\nCompare them.<|im_end|><|im_start|>assistant\n", 2),
+    ],
     "mllama": [("<|image|>If I had to write a haiku for this one", 1), ("Tell me about the sea", 0)],
 }
 

@@ -51,7 +51,9 @@ class HFReference:
     def run(self, prompt: str, images: list | None, max_new_tokens: int, videos: list | None = None) -> Reference:
         kwargs = {"text": prompt, "return_tensors": "pt"}
         if images:
-            kwargs["images"] = images
+            # one prompt: a nested list, so OneVision sees a multi-image sample (one crop per image,
+            # no anyres tiling) as LLaVA-OneVision was trained; a flat list would tile each image
+            kwargs["images"] = [images] if self.family == "llava_onevision" else images
         if videos and getattr(self.processor, "video_processor", None) is None:
             inputs = self._video_inputs_without_torchvision(prompt, videos)
         else:

@@ -38,6 +38,7 @@ CASES = {
     ],
     "llava_onevision": [
         ("<|im_start|>user <image>\nWhat is this?<|im_end|><|im_start|>assistant\n", 1),
+        ("<|im_start|>user <image>\n<image>\nCompare them.<|im_end|><|im_start|>assistant\n", 2),
         ("<|im_start|>user Name three colours.<|im_end|><|im_start|>assistant\n", 0),
         ("<|im_start|>user <video>\nWhat happens in this video?<|im_end|><|im_start|>assistant\n", VIDEO_FRAMES),
     ],

@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "items", "output_dtype", "bypass_cache")
+    __slots__ = ("request_id", "items", "output_dtype", "bypass_cache", "num_prompt_images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.MediaItem]
     output_dtype: _common_pb2.DataType
     bypass_cache: bool
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.MediaItem, _Mapping]]] = ..., output_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
+    num_prompt_images: int
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.MediaItem, _Mapping]]] = ..., output_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., bypass_cache: _Optional[bool] = ..., num_prompt_images: _Optional[int] = ...) -> None: ...
 
 class EncodeResult(_message.Message):
     __slots__ = ("embedding", "cached")
