@@ -89,7 +89,7 @@ def time_encode(engine, batch_size: int, iters: int) -> float:
 def time_model(engine, batch_size: int, iters: int) -> float:
     """Tower + projector only, pixels and features staying on the GPU."""
     pixels = torch.randn(batch_size, 3, 336, 336, device=engine.device, dtype=engine.dtype)
-    return _timed(lambda: engine.projector(engine.tower(pixels)[:, 1:]), iters)
+    return _timed(lambda: engine.compute(pixels), iters)
 
 
 def measured_matmul_tflops() -> float:
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             results["eager"][bs] = bs / time_model(engine, bs, args.iters)
             results["encode_call_eager"][bs] = bs / time_encode(engine, bs, args.iters)
         if args.device == "cuda":
-            engine.tower = torch.compile(engine.tower)
-            engine.projector = torch.compile(engine.projector)
+            engine.compute = torch.compile(engine.compute)
             for bs in batch_sizes:
                 results["compiled"][bs] = bs / time_model(engine, bs, args.iters)
     tflops = measured_matmul_tflops() if args.device == "cuda" else float("nan")

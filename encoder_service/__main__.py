@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     model.add_argument(
-        "--engine-dir", type=Path, help="exported visual engine to load instead of eager modules"
+        "--engine-dir",
+        type=Path,
+        help="visual engine exported from --model by build/export_visual_engine.py, run instead of the "
+        "eager modules (needs the same --dtype and device type)",
     )
     model.add_argument("--model-id", help="name reported by GetModelInfo (default: the directory name)")
     model.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")

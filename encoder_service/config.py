@@ -122,7 +122,8 @@ class EncoderConfig:
 
     Attributes:
       model_dir: checkpoint directory (config.json, processor config, safetensors).
-      engine_dir: exported/compiled visual engine to load instead of the eager modules (later issue).
+      engine_dir: exported visual engine (build/export_visual_engine.py) to run instead of the eager
+        modules; checked against model_dir, dtype and device when the server loads it.
       model_id: name reported by GetModelInfo; defaults to the checkpoint directory's name.
       device: torch device of the vision model ("cpu", "cuda", "cuda:1").
       dtype: compute dtype of the vision model.

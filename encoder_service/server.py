@@ -19,7 +19,6 @@ from encoder_service.pipeline import EncoderPipeline
 from encoder_service.service import SERVICE_NAME, EncoderService
 from vlm_protocol import media_ids
 from vlm_protocol.checkpoint_identity import model_fingerprint, processor_config_hash
-from vlm_protocol.errors import FailedPreconditionError
 from vlm_protocol.grpc_server import RunningServer, ServiceRegistration
 from vlm_protocol.grpc_server import build_server as build_grpc_server
 
@@ -86,24 +85,25 @@ def build_server(
 
 
 def load_engine(config: EncoderConfig) -> VisualEngine:
-    """Load the visual engine the config names (eager modules from the checkpoint)."""
+    """Load the visual engine the config names: eager modules from the checkpoint, or the exported
+    engine in ``config.engine_dir`` (verified against the checkpoint; FailedPreconditionError if not)."""
     from encoder_service.engines import load_visual_engine
 
-    if config.engine_dir is not None:
-        raise FailedPreconditionError(
-            f"--engine-dir {config.engine_dir}: loading exported visual engines is not supported yet"
-        )
     engine = load_visual_engine(
-        Path(config.model_dir), device=config.device, dtype=_TORCH_DTYPES[config.dtype]
+        Path(config.model_dir),
+        device=config.device,
+        dtype=_TORCH_DTYPES[config.dtype],
+        engine_dir=config.engine_dir,
     )
     logger.info(
-        "loaded %s visual engine (%s, hidden %d) from %s on %s/%s",
+        "loaded %s visual engine (%s, hidden %d) from %s on %s/%s (%s)",
         engine.family,
         engine.kind,
         engine.llm_hidden_size,
         config.model_dir,
         config.device,
         config.dtype,
+        "eager" if config.engine_dir is None else f"exported engine {config.engine_dir}",
     )
     return engine
 

@@ -53,19 +53,38 @@ def detect_family(checkpoint_dir: str | Path) -> str:
 
 
 def load_visual_engine(
-    checkpoint_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    checkpoint_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    engine_dir: str | Path | None = None,
 ) -> VisualEngine:
-    """Build the family's engine for `checkpoint_dir` on `device` in `dtype` (vision side only)."""
+    """Build the family's engine for `checkpoint_dir` on `device` in `dtype` (vision side only).
+
+    With `engine_dir` (from build/export_visual_engine.py) the adapter runs that artifact instead of
+    eager modules, which are then never built; it must have been exported from this checkpoint for
+    this dtype and device type (FailedPreconditionError otherwise).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     family, target = _entry(checkpoint_dir)
     module_name, class_name = target.split(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
     started = time.perf_counter()
-    engine = engine_cls(checkpoint_dir, device=torch.device(device), dtype=dtype)
+    if engine_dir is None:
+        engine = engine_cls(checkpoint_dir, device=torch.device(device), dtype=dtype)
+    else:
+        from encoder_service.engines import exported
+
+        compute, manifest = exported.load_exported_compute(
+            engine_dir, checkpoint_dir, family=family, device=device, dtype=dtype
+        )
+        engine = engine_cls(checkpoint_dir, device=torch.device(device), dtype=dtype, compute=compute)
+        exported.check_signature(manifest, engine.compute_inputs(), engine.llm_hidden_size)
     logger.info(
-        "loaded %s visual engine from %s: %.1fM parameters, %s, %s, %.1fs",
+        "loaded %s visual engine from %s%s: %.1fM parameters, %s, %s, %.1fs",
         family,
         checkpoint_dir,
+        "" if engine_dir is None else f" with exported engine {engine_dir}",
         engine.num_parameters() / 1e6,
         device,
         dtype,

@@ -2,6 +2,11 @@
 
 Flow: `preprocess(MediaInput) -> PreparedInput` (CPU, thread-safe, the checkpoint's HF image
 processor) then `encode(list[PreparedInput]) -> list[EncodedOutput]` (one model run for the batch).
+The model-side compute (tower, projector, ...: preprocessed tensors in, features out) is one module,
+`engine.compute`; `encode` wraps it with host-side batching, splitting and packing. `compute` is the
+eager modules by default, or a loaded export (`engine_dir`, see `engines.exported`): the same adapter,
+so preprocessing and outputs do not depend on which one runs.
+
 Two kinds of output:
   - "prompt_table" (BLIP-2, LLaVA, VILA, OneVision): rows that replace the image placeholders in
     the LLM's input embeddings, `[num_rows, llm_hidden]` per image or video;
@@ -80,6 +85,15 @@ class PreparedInput:
 
 
 @dataclass(frozen=True)
+class ComputeInput:
+    """One tensor argument of an engine's `compute`, in call order; dim 0 (not in `shape`) is the batch."""
+
+    name: str
+    shape: tuple[int, ...]  # per batch row
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class EncodedOutput:
     """The features of one image (or one video) of an `encode` batch, on the CPU, in the engine dtype.
 
@@ -120,6 +134,12 @@ class VisualEngine(abc.ABC):
     pixel_values_extras: tuple[str, ...] = ()  # MediaInput fields that go with this family's pixel_values
     device: torch.device
     dtype: torch.dtype
+    # tensors of `compute_inputs()` -> features [batch, ...]; the eager modules or a loaded export
+    compute: nn.Module
+
+    def compute_inputs(self) -> tuple[ComputeInput, ...]:
+        """The arguments of `compute`, each batched along dim 0 (what an export makes dynamic)."""
+        raise NotImplementedError(f"the {self.family} engine has no exportable compute")
 
     def preprocess(self, media: MediaInput) -> PreparedInput:
         """Validate `media` and run the image processor; raises InvalidArgumentError on bad input."""
@@ -179,9 +199,11 @@ class VisualEngine(abc.ABC):
     def submodules(self) -> dict[str, nn.Module]:
         """The loaded modules by role (tower, projector, ...): every weight this engine holds.
 
-        Each adapter overrides it; the default (nothing) suits weightless test fakes.
+        By default the children of `compute` (eager: one per role; an export: its program, if it
+        exposes its weights); nothing for weightless test fakes. Adapters add weights kept outside it.
         """
-        return {}
+        compute = getattr(self, "compute", None)
+        return dict(compute.named_children()) if compute is not None else {}
 
     def named_parameters(self):
         """(name, parameter) over every loaded module, names prefixed with the role."""

@@ -14,6 +14,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from encoder_service.engines import inputs
 from encoder_service.engines.base import (
     PROMPT_TABLE,
+    ComputeInput,
     EncodedOutput,
     MediaInput,
     PreparedInput,
@@ -21,7 +22,7 @@ from encoder_service.engines.base import (
     fixed_row_outputs,
     to_host,
 )
-from encoder_service.engines.towers import LayerSelectingTower
+from encoder_service.engines.towers import LayerSelectingTower, TowerProjector
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
 from encoder_service.hf_processors import load_processor
 
@@ -34,7 +35,15 @@ class LlavaEngine(VisualEngine):
     family = "llava"
     kind = PROMPT_TABLE
 
-    def __init__(self, checkpoint_dir: Path, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        compute: nn.Module | None = None,
+    ) -> None:
+        """`compute`: a loaded export to run instead of the eager tower + projector (none are built)."""
         config = LlavaConfig.from_pretrained(checkpoint_dir)
         if config.vision_feature_select_strategy not in SELECT_STRATEGIES:
             raise ValueError(
@@ -48,17 +57,23 @@ class LlavaEngine(VisualEngine):
         self.drop_cls = config.vision_feature_select_strategy == "default"
         self.num_rows_per_image = (vision.image_size // vision.patch_size) ** 2 + (0 if self.drop_cls else 1)
 
-        checkpoint = CheckpointTensors(checkpoint_dir)
-        with torch.device(device):
-            tower = AutoModel.from_config(vision).eval()
-            self.projector = LlavaMultiModalProjector(config).eval()
-        load_module_weights(tower, checkpoint, TOWER_PREFIXES, what="vision tower")
-        load_module_weights(self.projector, checkpoint, PROJECTOR_PREFIXES, what="projector")
-        self.tower = LayerSelectingTower(tower, config.vision_feature_layer).to(dtype)
-        self.projector.to(dtype)
+        self.compute = compute if compute is not None else self._load_compute(checkpoint_dir, config)
 
-    def submodules(self) -> dict[str, nn.Module]:
-        return {"vision_tower": self.tower, "multi_modal_projector": self.projector}
+    def _load_compute(self, checkpoint_dir: Path, config: LlavaConfig) -> TowerProjector:
+        checkpoint = CheckpointTensors(checkpoint_dir)
+        with torch.device(self.device):
+            tower = AutoModel.from_config(config.vision_config).eval()
+            projector = LlavaMultiModalProjector(config).eval()
+        load_module_weights(tower, checkpoint, TOWER_PREFIXES, what="vision tower")
+        load_module_weights(projector, checkpoint, PROJECTOR_PREFIXES, what="projector")
+        tower = LayerSelectingTower(tower, config.vision_feature_layer)
+        compute = TowerProjector(
+            tower, projector, drop_cls=self.drop_cls, projector_role="multi_modal_projector"
+        )
+        return compute.to(self.dtype)
+
+    def compute_inputs(self) -> tuple[ComputeInput, ...]:
+        return (ComputeInput("pixel_values", (3, self.image_size, self.image_size), self.dtype),)
 
     def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -82,8 +97,5 @@ class LlavaEngine(VisualEngine):
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
         if not self._check_batch(batch):
             return []
-        hidden = self.tower(self._tower_batch(batch))  # [N, 1 + P, vision_hidden * layers]
-        if self.drop_cls:
-            hidden = hidden[:, 1:]
-        features = to_host(self.projector(hidden))  # [N, rows, llm_hidden]
+        features = to_host(self.compute(self._tower_batch(batch)))  # [N, rows, llm_hidden]
         return fixed_row_outputs(features, batch)

@@ -32,6 +32,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from encoder_service.engines import inputs
 from encoder_service.engines.base import (
     PROMPT_TABLE,
+    ComputeInput,
     EncodedOutput,
     MediaInput,
     PreparedInput,
@@ -39,7 +40,7 @@ from encoder_service.engines.base import (
     frozen_parameters,
     to_host,
 )
-from encoder_service.engines.towers import LayerSelectingTower
+from encoder_service.engines.towers import LayerSelectingTower, TowerProjector
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights, load_tensor
 from encoder_service.hf_processors import load_processor
 from vlm_protocol.errors import InvalidArgumentError
@@ -56,7 +57,15 @@ class LlavaOnevisionEngine(VisualEngine):
     supports_video = True
     num_rows_per_image = 0  # varies with the image size and the number of images in the prompt
 
-    def __init__(self, checkpoint_dir: Path, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        compute: nn.Module | None = None,
+    ) -> None:
+        """`compute`: a loaded export to run instead of the eager tower + projector (none are built)."""
         config = LlavaOnevisionConfig.from_pretrained(checkpoint_dir)
         match = re.fullmatch(r"anyres_max_(\d+)", str(config.vision_aspect_ratio))
         if match is None:
@@ -83,18 +92,25 @@ class LlavaOnevisionEngine(VisualEngine):
             raise ValueError(f"image_grid_pinpoints must be multiples of the crop size {self.image_size}")
 
         checkpoint = CheckpointTensors(checkpoint_dir)
-        with torch.device(device):
-            tower = AutoModel.from_config(vision).eval()
-            self.projector = LlavaOnevisionMultiModalProjector(config).eval()
-        load_module_weights(tower, checkpoint, TOWER_PREFIXES, what="vision tower")
-        load_module_weights(self.projector, checkpoint, PROJECTOR_PREFIXES, what="projector")
+        if compute is None:
+            with torch.device(device):
+                tower = AutoModel.from_config(vision).eval()
+                projector = LlavaOnevisionMultiModalProjector(config).eval()
+            load_module_weights(tower, checkpoint, TOWER_PREFIXES, what="vision tower")
+            load_module_weights(projector, checkpoint, PROJECTOR_PREFIXES, what="projector")
+            tower = LayerSelectingTower(tower, config.vision_feature_layer)
+            compute = TowerProjector(
+                tower, projector, drop_cls=self.drop_cls, projector_role="multi_modal_projector"
+            ).to(dtype)
+        self.compute = compute  # crops [N, 3, S, S] -> [N, side * side, llm_hidden]; packing stays here
         newline = load_tensor(checkpoint, NEWLINE_NAMES, what="image_newline")  # [llm_hidden]
-        self.tower = LayerSelectingTower(tower, config.vision_feature_layer).to(dtype)
-        self.projector.to(dtype)
         self.params = frozen_parameters(image_newline=newline.to(device=device, dtype=dtype))
 
     def submodules(self) -> dict[str, nn.Module]:
-        return {"vision_tower": self.tower, "multi_modal_projector": self.projector, "params": self.params}
+        return {**super().submodules(), "params": self.params}
+
+    def compute_inputs(self) -> tuple[ComputeInput, ...]:
+        return (ComputeInput("pixel_values", (3, self.image_size, self.image_size), self.dtype),)
 
     # ------------------------------------------------------------------------------ preprocess
 
@@ -174,10 +190,7 @@ class LlavaOnevisionEngine(VisualEngine):
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
         if not self._check_batch(batch):
             return []
-        hidden = self.tower(self._tower_batch(batch))  # [all crops and frames, tokens, vision_hidden]
-        if self.drop_cls:
-            hidden = hidden[:, 1:]
-        features = self.projector(hidden)  # [N, side * side, llm_hidden]
+        features = self.compute(self._tower_batch(batch))  # [all crops and frames, side * side, llm_hidden]
         newline = self.params["image_newline"]
         outputs, start = [], 0
         for input_index, prepared in enumerate(batch):

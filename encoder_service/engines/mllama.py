@@ -14,11 +14,12 @@ from pathlib import Path
 import PIL.Image
 import torch
 from torch import nn
-from transformers import MllamaConfig, MllamaVisionModel
+from transformers import MllamaConfig, MllamaVisionConfig, MllamaVisionModel
 
 from encoder_service.engines import inputs
 from encoder_service.engines.base import (
     CROSS_ATTENTION,
+    ComputeInput,
     EncodedOutput,
     MediaInput,
     PreparedInput,
@@ -35,7 +36,15 @@ class MllamaEngine(VisualEngine):
     kind = CROSS_ATTENTION
     pixel_values_extras = ("aspect_ratio_ids", "aspect_ratio_mask")
 
-    def __init__(self, checkpoint_dir: Path, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        compute: nn.Module | None = None,
+    ) -> None:
+        """`compute`: a loaded export to run instead of the eager vision model + projector (none are built)."""
         config = MllamaConfig.from_pretrained(checkpoint_dir)
         vision = config.vision_config
         self.device, self.dtype = device, dtype
@@ -54,24 +63,31 @@ class MllamaEngine(VisualEngine):
         self.num_rows_per_image = self.max_tiles * self.num_patches  # cross-attention KV rows
         self.llm_hidden_size = config.text_config.hidden_size
 
+        self.compute = compute if compute is not None else self._load_compute(checkpoint_dir, vision)
+
+    def _load_compute(self, checkpoint_dir: Path, vision: MllamaVisionConfig) -> MllamaCompute:
         checkpoint = CheckpointTensors(checkpoint_dir)
-        with torch.device(device):
-            self.vision_model = MllamaVisionModel(vision).eval()
-            self.projector = nn.Linear(vision.vision_output_dim, self.llm_hidden_size, bias=True)
+        with torch.device(self.device):
+            vision_model = MllamaVisionModel(vision).eval()
+            projector = nn.Linear(vision.vision_output_dim, self.llm_hidden_size, bias=True)
         load_module_weights(
-            self.vision_model, checkpoint, ["vision_model.", "model.vision_model."], what="vision model"
+            vision_model, checkpoint, ["vision_model.", "model.vision_model."], what="vision model"
         )
         load_module_weights(
-            self.projector,
+            projector,
             checkpoint,
             ["multi_modal_projector.", "model.multi_modal_projector."],
             what="projector",
         )
-        self.vision_model.to(dtype)
-        self.projector.to(dtype)
+        return MllamaCompute(vision_model, projector).to(self.dtype)
 
-    def submodules(self) -> dict[str, nn.Module]:
-        return {"vision_model": self.vision_model, "multi_modal_projector": self.projector}
+    def compute_inputs(self) -> tuple[ComputeInput, ...]:
+        size, tiles = self.image_size, self.max_tiles
+        return (
+            ComputeInput("pixel_values", (1, tiles, 3, size, size), self.dtype),
+            ComputeInput("aspect_ratio_ids", (1,), torch.long),
+            ComputeInput("aspect_ratio_mask", (1, tiles), torch.long),
+        )
 
     def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
         # one sample per image: every image gets its own max_tiles slots, whatever the prompt holds
@@ -136,12 +152,9 @@ class MllamaEngine(VisualEngine):
         ids = torch.tensor([i for p in batch for i in p.aspect_ratio_ids], device=self.device)
         masks = torch.tensor([m for p in batch for m in p.aspect_ratio_masks], device=self.device)
         # each image is its own sample: [N, 1 image, ...]
-        hidden = self.vision_model(
-            pixel_values=pixel_values[:, None],
-            aspect_ratio_ids=ids[:, None],
-            aspect_ratio_mask=masks[:, None],
-        ).last_hidden_state  # [N, 1, max_tiles, num_patches, vision_output_dim]
-        features = to_host(self.projector(hidden))  # [N, 1, max_tiles, num_patches, llm_hidden]
+        features = to_host(
+            self.compute(pixel_values[:, None], ids[:, None], masks[:, None])
+        )  # [N, 1, max_tiles, num_patches, llm_hidden]
         outputs, row = [], 0
         for input_index, prepared in enumerate(batch):
             for item_index in range(prepared.num_items):
@@ -161,6 +174,24 @@ class MllamaEngine(VisualEngine):
                 )
                 row += 1
         return outputs
+
+
+class MllamaCompute(nn.Module):
+    """Tiled ViT + projector: pixel_values `[N, 1, max_tiles, 3, T, T]`, aspect_ratio_ids `[N, 1]`
+    (1-based), aspect_ratio_mask `[N, 1, max_tiles]` -> `[N, 1, max_tiles, num_patches, llm_hidden]`."""
+
+    def __init__(self, vision_model: MllamaVisionModel, multi_modal_projector: nn.Linear) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.multi_modal_projector = multi_modal_projector
+
+    def forward(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.vision_model(
+            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
+        ).last_hidden_state  # [N, 1, max_tiles, num_patches, vision_output_dim]
+        return self.multi_modal_projector(hidden)
 
 
 def _int_tensor(value, name: str) -> torch.Tensor:

@@ -72,3 +72,26 @@ def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
 def _truncate_encoder(tower: nn.Module, num_layers: int) -> None:
     inner = getattr(tower, "vision_model", tower)
     inner.encoder.layers = nn.ModuleList(list(inner.encoder.layers)[:num_layers])
+
+
+class TowerProjector(nn.Module):
+    """The compute of the LLaVA-style families: `[N, 3, S, S]` pixels -> `[N, rows, llm_hidden]`.
+
+    Tower hidden state (a `LayerSelectingTower`), the CLS row dropped when `drop_cls`, then the
+    projector. Children are named by role (`vision_tower`, `projector_role`), as `submodules()` reports.
+    """
+
+    def __init__(
+        self, tower: LayerSelectingTower, projector: nn.Module, *, drop_cls: bool, projector_role: str
+    ) -> None:
+        super().__init__()
+        self.drop_cls = drop_cls
+        self.projector_role = projector_role
+        self.vision_tower = tower
+        self.add_module(projector_role, projector)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_tower(pixel_values)  # [N, 1 + P, vision_hidden * layers]
+        if self.drop_cls:
+            hidden = hidden[:, 1:]
+        return getattr(self, self.projector_role)(hidden)  # [N, rows, llm_hidden]

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from encoder_service.engines import inputs
 from encoder_service.engines.base import (
     PROMPT_TABLE,
+    ComputeInput,
     EncodedOutput,
     MediaInput,
     PreparedInput,
@@ -27,7 +29,7 @@ from encoder_service.engines.base import (
     fixed_row_outputs,
     to_host,
 )
-from encoder_service.engines.towers import LayerSelectingTower
+from encoder_service.engines.towers import LayerSelectingTower, TowerProjector
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
 from vlm_tiny.vila import VilaMlpDownsampleProjector
 
@@ -39,7 +41,15 @@ class VilaEngine(VisualEngine):
     family = "vila"
     kind = PROMPT_TABLE
 
-    def __init__(self, checkpoint_dir: Path, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        compute: nn.Module | None = None,
+    ) -> None:
+        """`compute`: a loaded export to run instead of the eager tower + projector (none are built)."""
         config = json.loads((checkpoint_dir / "config.json").read_text())
         self.aspect_mode = config.get("image_aspect_ratio", "resize")
         self.select_feature = config.get("mm_vision_select_feature", "cls_patch")
@@ -60,21 +70,25 @@ class VilaEngine(VisualEngine):
         # SigLIP with "cls_patch" (or CLIP with "patch", CLS dropped) leaves a square side x side grid
         self.num_rows_per_image = VilaMlpDownsampleProjector.num_output_tokens(side)
 
-        with torch.device(device):
-            tower = AutoModel.from_config(vision).eval()
-        load_module_weights(tower, CheckpointTensors(tower_dir), [""], what="vision tower")
-        self.tower = LayerSelectingTower(tower, int(config["mm_vision_select_layer"])).to(dtype)
-        self.projector = VilaMlpDownsampleProjector.from_pretrained(checkpoint_dir / "mm_projector").to(
-            device, dtype
-        )
-        self.llm_hidden_size = self.projector.hidden_size
+        if compute is None:
+            with torch.device(device):
+                tower = AutoModel.from_config(vision).eval()
+            load_module_weights(tower, CheckpointTensors(tower_dir), [""], what="vision tower")
+            tower = LayerSelectingTower(tower, int(config["mm_vision_select_layer"]))
+            projector = VilaMlpDownsampleProjector.from_pretrained(checkpoint_dir / "mm_projector")
+            drop_cls = self.select_feature == "patch"
+            compute = TowerProjector(tower, projector, drop_cls=drop_cls, projector_role="mm_projector")
+            compute.to(device, dtype)
+        self.compute = compute
+        # the projector's output width, read from its weights file so an export needs no eager projector
+        self.llm_hidden_size = _projector_hidden_size(checkpoint_dir / "mm_projector")
         if config.get("hidden_size", self.llm_hidden_size) != self.llm_hidden_size:
             raise ValueError(
                 f"mm_projector outputs {self.llm_hidden_size} features but the LLM hidden size is {config['hidden_size']}"
             )
 
-    def submodules(self) -> dict[str, nn.Module]:
-        return {"vision_tower": self.tower, "mm_projector": self.projector}
+    def compute_inputs(self) -> tuple[ComputeInput, ...]:
+        return (ComputeInput("pixel_values", (3, self.image_size, self.image_size), self.dtype),)
 
     def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
         squares = [self._to_square(image) for image in images]
@@ -109,8 +123,11 @@ class VilaEngine(VisualEngine):
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
         if not self._check_batch(batch):
             return []
-        hidden = self.tower(self._tower_batch(batch))  # [N, side * side, vision_hidden]
-        if self.select_feature == "patch":
-            hidden = hidden[:, 1:]
-        features = to_host(self.projector(hidden))  # [N, ceil(side / 2) ** 2, llm_hidden]
+        features = to_host(self.compute(self._tower_batch(batch)))  # [N, ceil(side / 2) ** 2, llm_hidden]
         return fixed_row_outputs(features, batch)
+
+
+def _projector_hidden_size(projector_dir: Path) -> int:
+    """The LLM width `mm_projector` maps to (as `VilaMlpDownsampleProjector.from_pretrained` reads it)."""
+    with safe_open(str(projector_dir / "model.safetensors"), framework="pt") as f:
+        return int(f.get_slice("layers.2.weight").get_shape()[0])
