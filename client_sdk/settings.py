@@ -86,5 +86,8 @@ class ClientSettings:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.primary_user_agent", USER_AGENT),
+            # spread calls over every address a name resolves to (e.g. `dns:///encoder:50051` with
+            # `docker compose up --scale encoder=N`); the default pick_first would use one replica
+            ("grpc.lb_policy_name", "round_robin"),
             *self.extra_channel_options,
         ]

@@ -789,3 +789,27 @@ def test_cli_errors_have_messages_and_exit_codes(servers, tmp_path, capsys):
 def test_cli_split_media_list():
     uri = "data:image/png;base64,AAAA"
     assert cli.split_media_list(f"a.png, https://x/y.jpg,{uri}") == ["a.png", "https://x/y.jpg", uri]
+
+
+def test_calls_spread_over_every_encoder_replica(servers):
+    """Round-robin load balancing: a target naming several encoders (as DNS does for scaled replicas)
+    gets calls on each of them, not only on the first (gRPC's default pick_first)."""
+    second = FakeEncoder()
+
+    async def start_second():
+        server = grpc.aio.server()
+        encoder_service_pb2_grpc.add_EncoderServiceServicer_to_server(second, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = servers._run(start_second())
+    try:
+        first_port = servers.encoder_address.rsplit(":", 1)[1]
+        target = f"ipv4:127.0.0.1:{first_port},127.0.0.1:{port}"
+        with client_sdk.Client(target, servers.llm_address, timeout_s=10) as client:
+            for seed in range(8):
+                client.generate(PROMPT, images=[_png(seed)], max_tokens=2)
+        assert servers.encoder.calls and second.calls, "every replica should serve some calls"
+    finally:
+        servers._run(server.stop(None))
