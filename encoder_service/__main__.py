@@ -11,32 +11,17 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from encoder_service.config import COMPUTE_DTYPES, OUTPUT_DTYPES, EncoderConfig, MediaLimits, UrlPolicy
 from vlm_protocol.errors import VlmError
+from vlm_protocol.sizes import parse_bytes
 
 logger = logging.getLogger("encoder_service")
 
 ENV_PREFIX = "VLM_ENCODER_"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
-
-
-def parse_bytes(text: str) -> int:
-    """``"1073741824"``, ``"512MiB"``, ``"2GB"``, ``"64k"`` -> bytes (KiB/MiB/GiB are powers of 1024)."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1048576, 512MiB or 2GB")
-    number, unit = match.group(1), (match.group(2) or "").lower()
-    base = 1024 if "i" in unit else 1000
-    scale = 1 if unit in ("", "b") else base ** ("kmgt".index(unit[0]) + 1)
-    return int(float(number) * scale)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-encoder",

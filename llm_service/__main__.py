@@ -5,32 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import sys
 from collections.abc import Sequence
 
 from llm_service.config import DEFAULT_PORT, LlmServiceConfig, MiB
 from vlm_protocol.errors import InvalidArgumentError
-
-_BYTE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1024,
-    "kib": 1024,
-    "m": MiB,
-    "mib": MiB,
-    "g": 1024 * MiB,
-    "gib": 1024 * MiB,
-}
-
-
-def parse_bytes(text: str) -> int:
-    """'268435456', '256MiB', '2G' -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _BYTE_UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 1048576, 512MiB or 2GiB")
-    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+from vlm_protocol.sizes import parse_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,7 +85,7 @@ def test_config_validates_and_maps_flags(tmp_path):
     assert (engine.num_kv_blocks, engine.max_waiting_requests, engine.enable_prefix_caching) == (64, 3, False)
     assert config.embedding_cache_bytes == 64 << 20 and config.encoder_address == "enc:50051"
     assert config.server_config().port == 0
-    assert parse_bytes("2G") == 2 << 30 and parse_bytes("1024") == 1024
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("2G") == 2 * 10**9 and parse_bytes("1024") == 1024
     with pytest.raises(argparse.ArgumentTypeError):
         parse_bytes("lots")
 
