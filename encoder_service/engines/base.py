@@ -238,6 +238,31 @@ def to_host(features: torch.Tensor) -> torch.Tensor:
     return host
 
 
+class SquareImageEngine(VisualEngine):
+    """Families whose processor turns each image into one square crop (BLIP2, LLaVA-1.5, VILA)."""
+
+    def _single_crop_batch(self, pixel_values: torch.Tensor, images: list[PIL.Image.Image]) -> PreparedInput:
+        return PreparedInput(
+            family=self.family,
+            media="image",
+            pixel_values=pixel_values.float(),  # [n, 3, S, S]
+            num_crops=(1,) * len(images),
+            image_sizes=tuple((im.height, im.width) for im in images),
+        )
+
+    def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return self._single_crop_batch(pixel_values, images)
+
+    def _prepare_pixel_values(self, pixel_values: torch.Tensor, media: MediaInput) -> PreparedInput:
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        size = self.image_size
+        inputs.check_shape(pixel_values, "pixel_values", [None, 3, size, size], "[n, 3, H, W]")
+        count = pixel_values.shape[0]
+        return PreparedInput(self.family, "image", pixel_values, (1,) * count, (None,) * count)
+
+
 def fixed_row_outputs(features: torch.Tensor, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
     """Split [num_images, rows, hidden] of a one-row-per-image tower batch into per-image outputs."""
     outputs, row = [], 0

@@ -5,19 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import PIL.Image
 import torch
 from torch import nn
 from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
-from encoder_service.engines import inputs
 from encoder_service.engines.base import (
     PROMPT_TABLE,
     ComputeInput,
     EncodedOutput,
-    MediaInput,
     PreparedInput,
-    VisualEngine,
+    SquareImageEngine,
     fixed_row_outputs,
     frozen_parameters,
     to_host,
@@ -26,7 +23,7 @@ from encoder_service.engines.weights import CheckpointTensors, load_module_weigh
 from encoder_service.hf_processors import load_processor
 
 
-class Blip2Engine(VisualEngine):
+class Blip2Engine(SquareImageEngine):
     family = "blip2"
     kind = PROMPT_TABLE
 
@@ -70,24 +67,6 @@ class Blip2Engine(VisualEngine):
 
     def compute_inputs(self) -> tuple[ComputeInput, ...]:
         return (ComputeInput("pixel_values", (3, self.image_size, self.image_size), self.dtype),)
-
-    def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return PreparedInput(
-            family=self.family,
-            media="image",
-            pixel_values=pixel_values.float(),  # [n, 3, S, S]
-            num_crops=(1,) * len(images),
-            image_sizes=tuple((im.height, im.width) for im in images),
-        )
-
-    def _prepare_pixel_values(self, pixel_values: torch.Tensor, media: MediaInput) -> PreparedInput:
-        if pixel_values.ndim == 3:
-            pixel_values = pixel_values[None]
-        size = self.image_size
-        inputs.check_shape(pixel_values, "pixel_values", [None, 3, size, size], "[n, 3, H, W]")
-        count = pixel_values.shape[0]
-        return PreparedInput(self.family, "image", pixel_values, (1,) * count, (None,) * count)
 
     @torch.no_grad()
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:

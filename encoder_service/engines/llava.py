@@ -5,20 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import PIL.Image
 import torch
 from torch import nn
 from transformers import AutoModel, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from encoder_service.engines import inputs
 from encoder_service.engines.base import (
     PROMPT_TABLE,
     ComputeInput,
     EncodedOutput,
-    MediaInput,
     PreparedInput,
-    VisualEngine,
+    SquareImageEngine,
     fixed_row_outputs,
     to_host,
 )
@@ -31,7 +28,7 @@ PROJECTOR_PREFIXES = ["multi_modal_projector.", "model.multi_modal_projector."]
 SELECT_STRATEGIES = ("default", "full")
 
 
-class LlavaEngine(VisualEngine):
+class LlavaEngine(SquareImageEngine):
     family = "llava"
     kind = PROMPT_TABLE
 
@@ -74,24 +71,6 @@ class LlavaEngine(VisualEngine):
 
     def compute_inputs(self) -> tuple[ComputeInput, ...]:
         return (ComputeInput("pixel_values", (3, self.image_size, self.image_size), self.dtype),)
-
-    def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return PreparedInput(
-            family=self.family,
-            media="image",
-            pixel_values=pixel_values.float(),  # [n, 3, S, S]
-            num_crops=(1,) * len(images),
-            image_sizes=tuple((im.height, im.width) for im in images),
-        )
-
-    def _prepare_pixel_values(self, pixel_values: torch.Tensor, media: MediaInput) -> PreparedInput:
-        if pixel_values.ndim == 3:
-            pixel_values = pixel_values[None]
-        size = self.image_size
-        inputs.check_shape(pixel_values, "pixel_values", [None, 3, size, size], "[n, 3, H, W]")
-        count = pixel_values.shape[0]
-        return PreparedInput(self.family, "image", pixel_values, (1,) * count, (None,) * count)
 
     @torch.no_grad()
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:

@@ -18,14 +18,12 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from encoder_service.engines import inputs
 from encoder_service.engines.base import (
     PROMPT_TABLE,
     ComputeInput,
     EncodedOutput,
-    MediaInput,
     PreparedInput,
-    VisualEngine,
+    SquareImageEngine,
     fixed_row_outputs,
     to_host,
 )
@@ -37,7 +35,7 @@ ASPECT_MODES = ("resize", "pad")
 SELECT_FEATURES = ("cls_patch", "patch")
 
 
-class VilaEngine(VisualEngine):
+class VilaEngine(SquareImageEngine):
     family = "vila"
     kind = PROMPT_TABLE
 
@@ -93,13 +91,7 @@ class VilaEngine(VisualEngine):
     def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
         squares = [self._to_square(image) for image in images]
         pixel_values = self.image_processor(images=squares, return_tensors="pt")["pixel_values"]
-        return PreparedInput(
-            family=self.family,
-            media="image",
-            pixel_values=pixel_values.float(),  # [n, 3, S, S]
-            num_crops=(1,) * len(images),
-            image_sizes=tuple((im.height, im.width) for im in images),
-        )
+        return self._single_crop_batch(pixel_values, images)
 
     def _to_square(self, image: PIL.Image.Image) -> PIL.Image.Image:
         if self.aspect_mode == "resize":
@@ -110,14 +102,6 @@ class VilaEngine(VisualEngine):
         canvas = PIL.Image.new("RGB", (side, side), background)
         canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         return canvas
-
-    def _prepare_pixel_values(self, pixel_values: torch.Tensor, media: MediaInput) -> PreparedInput:
-        if pixel_values.ndim == 3:
-            pixel_values = pixel_values[None]
-        size = self.image_size
-        inputs.check_shape(pixel_values, "pixel_values", [None, 3, size, size], "[n, 3, H, W]")
-        count = pixel_values.shape[0]
-        return PreparedInput(self.family, "image", pixel_values, (1,) * count, (None,) * count)
 
     @torch.no_grad()
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
