@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 
 from llm_service.engine.detokenizer import IncrementalDetokenizer
@@ -23,7 +24,9 @@ from llm_service.engine.prompt import MultimodalItem, PromptBuilder, placeholder
 from llm_service.engine.request import FinishReason, Request
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.engine.scheduler import Scheduler, SchedulerConfig
+from llm_service.layers.attention import resolve_attention_backend
 from llm_service.models.loader import build_decoder, inspect_checkpoint
+from llm_service.models.mllama import MllamaForCausalLM
 from vlm_protocol.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,16 @@ class EngineConfig:
     max_prefill_chunk_tokens: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    # "auto" (= "batched": one SDPA call per step for decode rows, one for prefill chunks) or
+    # "reference" (one SDPA call per sequence; slow, kept to check the batched path against)
+    attention_backend: str = "auto"
+    # False: decode steps replay CUDA graphs captured per padded batch size (CUDA only). True/None:
+    # every step runs eagerly. None stays eager until the graph path has been verified on a GPU
+    # (tests/gpu/test_decode_graphs_gpu.py); then its default should become graphs on CUDA.
+    enforce_eager: bool | None = None
+    # Largest decode batch served by a graph (bigger batches run eagerly); buckets are 1, 2, 4, 8, 16,
+    # then multiples of 16 up to this.
+    max_graph_batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -55,6 +68,15 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        resolve_attention_backend(self.attention_backend)  # raises ValueError on an unknown name
+        if self.enforce_eager is False and not self.device.startswith("cuda"):
+            raise ValueError(f"enforce_eager=False needs a CUDA device (CUDA graphs), got device {self.device!r}")
+        if self.max_graph_batch_size < 1:
+            raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.enforce_eager is False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -132,25 +154,82 @@ def _eos_token_ids(decoder_dir: Path, root: Path, tokenizer) -> tuple[int, ...]:
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         info = inspect_checkpoint(config.model_dir)
-        self.family = info.family
-        self.device = torch.device(config.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir)
-        self.eos_token_ids = _eos_token_ids(info.decoder_dir, info.root, self.tokenizer)
-        spec = placeholder_spec(info.family, info.config)
-        self.prompt_builder = PromptBuilder(
-            info.family, self.tokenizer, spec, _load_chat_template(info.root, self.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir)
+        self._setup(
+            config,
+            model=build_decoder(info, dtype=config.torch_dtype, device=torch.device(config.device)),
+            tokenizer=tokenizer,
+            family=info.family,
+            hf_config=info.config,
+            text_config=info.text_config,
+            eos_token_ids=_eos_token_ids(info.decoder_dir, info.root, tokenizer),
+            chat_template=_load_chat_template(info.root, tokenizer),
         )
-        self.model = build_decoder(info, dtype=config.torch_dtype, device=self.device)
-        text_config = info.text_config
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        config: EngineConfig,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        chat_template: str | None = None,
+    ) -> EngineCore:
+        """A text-only engine around a decoder already in memory (`model.config` is its HF text config),
+        e.g. random weights built on the GPU by `build_decoder_from_config` for benchmarks.
+
+        Nothing is read from disk: `config.model_dir` is not used. The model must already be on
+        `config.device` in `config.torch_dtype`.
+        """
+        if isinstance(model, MllamaForCausalLM):
+            raise ValueError("from_model builds text-only engines; mllama needs its checkpoint (EngineCore(config))")
+        param = next(model.parameters())
+        if param.dtype != config.torch_dtype or param.device.type != torch.device(config.device).type:
+            raise ValueError(
+                f"model is {param.dtype} on {param.device}; the config asks for {config.torch_dtype} on {config.device}"
+            )
+        engine = cls.__new__(cls)
+        engine._setup(
+            config,
+            model=model,
+            tokenizer=tokenizer,
+            family="text",
+            hf_config=model.config,
+            text_config=model.config,
+            eos_token_ids=tuple(eos_token_ids),
+            chat_template=chat_template,
+        )
+        return engine
+
+    def _setup(
+        self,
+        config: EngineConfig,
+        *,
+        model: nn.Module,
+        tokenizer,
+        family: str,
+        hf_config,
+        text_config,
+        eos_token_ids: tuple[int, ...],
+        chat_template: str | None,
+    ) -> None:
+        self.config = config
+        self.family = family
+        self.device = torch.device(config.device)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        spec = placeholder_spec(family, hf_config)
+        self.prompt_builder = PromptBuilder(family, tokenizer, spec, chat_template)
+        self.model = model
         self.hidden_size = text_config.hidden_size
         self.vocab_size = text_config.vocab_size
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
-        image_token_id = self.tokenizer.convert_tokens_to_ids(spec.image_token) if not spec.expands else None
+        image_token_id = tokenizer.convert_tokens_to_ids(spec.image_token) if not spec.expands else None
         self.runner = ModelRunner(
-            self.model,
+            model,
             num_blocks=num_blocks,
             block_size=config.block_size,
             device=self.device,
@@ -158,6 +237,10 @@ class EngineCore:
             vocab_size=self.vocab_size,
             image_token_id=image_token_id,
             seed=config.seed,
+            attention_backend=config.attention_backend,
+            cuda_graphs=config.use_cuda_graphs,
+            max_model_len=self.max_model_len,
+            max_graph_batch_size=min(config.max_graph_batch_size, config.max_num_seqs),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

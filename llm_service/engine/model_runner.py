@@ -6,6 +6,7 @@ mllama cross-attention K/V). The scheduler only ever sees block ids.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm_service.engine.cuda_graphs import DecodeGraphs
 from llm_service.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from llm_service.engine.request import Request
-from llm_service.layers.attention import AttentionMetadata
+from llm_service.layers.attention import AttentionMetadata, resolve_attention_backend
 from llm_service.layers.sampler import SamplingBatch, SamplingRow, sample
 from llm_service.models.mllama import CrossAttentionInputs, MllamaForCausalLM
 
@@ -87,23 +89,56 @@ class ModelRunner:
         vocab_size: int,
         image_token_id: int | None = None,
         seed: int = 0,
+        attention_backend: str = "auto",
+        cuda_graphs: bool = False,
+        max_model_len: int | None = None,
+        max_graph_batch_size: int = 256,
     ) -> None:
         self.model = model
+        self.attention_backend = resolve_attention_backend(attention_backend)
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.image_token_id = image_token_id
         num_kv_heads, head_dim = model.kv_shape
-        # One allocation for every layer: [layers, k/v, blocks, block_size, kv_heads, head_dim]
+        # One allocation for every layer: [layers, k/v, blocks, block_size, kv_heads, head_dim]. The
+        # last block is scratch space no request owns: padded rows of a CUDA-graph batch write there.
+        self.scratch_block = num_blocks
         self.kv_cache = torch.zeros(
-            model.num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+            model.num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model.num_layers)]
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self._prompt_tables: dict[str, dict[str, torch.Tensor]] = {}
         self._cross: dict[str, _CrossState] = {}
+        self.max_model_len = max_model_len
+        self.max_graph_batch_size = max_graph_batch_size
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self.enable_decode_graphs(capture=True)
+
+    def enable_decode_graphs(self, *, capture: bool) -> None:
+        """Serve decode-only steps from `DecodeGraphs`; `capture=False` runs the same padded static-buffer
+        path eagerly (for CPU tests of everything but capture and replay)."""
+        if self.is_cross_attention_model or self.attention_backend != "batched":
+            logger.info("decode graphs are off: they need a self-attention model and the batched attention backend")
+            return
+        if self.max_model_len is None:
+            raise ValueError("decode graphs need max_model_len (the widest block table)")
+        self.decode_graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            block_size=self.block_size,
+            scratch_block=self.scratch_block,
+            max_batch_size=self.max_graph_batch_size,
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            hidden_size=self.model.lm_head.in_features,
+            device=self.device,
+            dtype=self.dtype,
+            capture=capture,
+        )
 
     @property
     def is_cross_attention_model(self) -> bool:
@@ -151,37 +186,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput, requests: Mapping[str, Request]) -> ModelRunnerOutput:
         chunks = scheduled.chunks
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        for chunk in chunks:
-            token_ids += chunk.token_ids
-            for p in range(chunk.start_position, chunk.end_position):
-                positions.append(p)
-                slots.append(chunk.block_table[p // self.block_size] * self.block_size + p % self.block_size)
-            query_start_loc.append(query_start_loc[-1] + chunk.num_tokens)
-            seq_lens.append(chunk.end_position)
-        max_blocks = max(len(c.block_table) for c in chunks)
-        block_tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
-
         device = self.device
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)  # [T]
-        position_ids = torch.tensor(positions, dtype=torch.long, device=device)  # [T]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(block_tables, dtype=torch.long, device=device),
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            block_size=self.block_size,
-        )
-        embeds = self.model.embed_input_ids(input_ids)  # [T, H]
-        self._inject_prompt_tables(embeds, chunks, query_start_loc)
-        if self.is_cross_attention_model:
-            hidden = self.model(embeds, position_ids, self.kv_caches, meta, self._cross_inputs(chunks, position_ids, meta))
+        if self._runs_in_graph(chunks):
+            hidden = self.decode_graphs.run(
+                [c.token_ids[0] for c in chunks], [c.end_position for c in chunks], [c.block_table for c in chunks]
+            )  # [B, H]
+            query_start_loc = list(range(len(chunks) + 1))
         else:
-            hidden = self.model(embeds, position_ids, self.kv_caches, meta)  # [T, H]
+            hidden, query_start_loc = self._forward_eager(chunks)  # [T, H]
 
         sampling_chunks = [(i, c) for i, c in enumerate(chunks) if c.needs_sampling]
         if not sampling_chunks:
@@ -208,6 +220,32 @@ class ModelRunner:
                 if chunk.sampling_params.logprobs or chunk.sampling_params.top_logprobs:
                     logprobs[chunk.request_id] = (result.logprobs[j], result.top_logprobs[j])
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _runs_in_graph(self, chunks) -> bool:
+        graphs = self.decode_graphs
+        if graphs is None or any(c.num_tokens != 1 or c.mm_spans for c in chunks):
+            return False
+        return graphs.bucket_for(len(chunks), max(c.end_position for c in chunks)) is not None
+
+    def _forward_eager(self, chunks) -> tuple[torch.Tensor, list[int]]:
+        device = self.device
+        token_ids = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
+        input_ids = torch.tensor(token_ids, dtype=torch.long).to(device)  # [T]
+        meta, position_ids = AttentionMetadata.build(
+            query_lens=[c.num_tokens for c in chunks],
+            seq_lens=[c.end_position for c in chunks],
+            block_tables=[c.block_table for c in chunks],
+            block_size=self.block_size,
+            device=device,
+            backend=self.attention_backend,
+        )
+        embeds = self.model.embed_input_ids(input_ids)  # [T, H]
+        self._inject_prompt_tables(embeds, chunks, meta.query_start_loc)
+        if self.is_cross_attention_model:
+            hidden = self.model(embeds, position_ids, self.kv_caches, meta, self._cross_inputs(chunks, position_ids, meta))
+        else:
+            hidden = self.model(embeds, position_ids, self.kv_caches, meta)  # [T, H]
+        return hidden, meta.query_start_loc
 
     def _inject_prompt_tables(self, embeds: torch.Tensor, chunks, query_start_loc: list[int]) -> None:
         for i, chunk in enumerate(chunks):

@@ -4,16 +4,76 @@ The KV cache of one layer is a pair of tensors `[num_blocks, block_size, num_kv_
 a sequence's tokens live in the blocks its block table lists, in order. Every step writes the new
 tokens' K/V into their slots, then each sequence attends to its whole context.
 
-This file holds the reference path (any device, exact, one SDPA call per sequence); GPU kernels
-plug in behind the same `AttentionMetadata`.
+Two implementations behind the same `AttentionMetadata` (chosen by `metadata.backend`):
+
+* `batched` (the default): decode sequences (one query each) and prefill sequences (several queries
+  each) go to separate groups. Each group is one SDPA call over its sequences' K/V gathered through
+  the block table into a padded `[G, L_max, Hkv, D]` layout, with a length (and, for prefill, causal)
+  mask. Keeping decode rows apart stops them being padded to the longest prefill chunk. A group's
+  gather is capped at `max_gather_tokens` key positions (G * L_max): past that, sequences are sorted
+  by length and split into several groups of similar lengths, bounding the transient memory and the
+  padding. The query heads that share a KV head are folded into the query axis, so K/V are never
+  repeated for GQA. Index tensors and masks are built once per step (`AttentionMetadata.build`) and
+  shared by all layers; the attention itself runs no per-sequence Python.
+
+  The padded gather costs a copy of every attended K/V per layer (written once, read twice); a paged
+  kernel that reads the blocks in place (Triton, FlexAttention) is the GPU follow-up.
+* `reference`: one SDPA call per sequence (exact, slow: a Python loop over the batch); kept to check
+  the batched path against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "reference", "batched")
+# Most key positions one SDPA call gathers (G * L_max): 128k positions of Llama-7B-shaped K+V are
+# 2 GiB of transient memory per layer.
+DEFAULT_MAX_GATHER_TOKENS = 128 * 1024
+
+
+def resolve_attention_backend(name: str) -> str:
+    """`auto` -> `batched`; anything outside `ATTENTION_BACKENDS` is a ValueError."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    return "batched" if name == "auto" else name
+
+
+@dataclass
+class PaddedGroup:
+    """Sequences attended in one SDPA call: `G` sequences, each padded to `num_queries` queries and to
+    `block_tables.shape[1]` blocks of keys.
+
+    Padding queries repeat a real query row of the same sequence (so no mask row is empty); only the
+    real rows are written back. Padding keys are masked out.
+    """
+
+    block_tables: torch.Tensor  # [G, nb] int64 block ids; nb * block_size >= every context length
+    mask: torch.Tensor  # [G, 1, Q, nb * block_size] bool: query may see key (causal, inside the context)
+    num_queries: int  # Q
+    query_index: torch.Tensor | None  # [G * Q] rows of the flat batch; None: rows 0..G-1 (decode-only step)
+    out_src: torch.Tensor | None = None  # [n] real rows of the padded [G * Q] output; None: all of them
+    out_dst: torch.Tensor | None = None  # [n] their rows in the flat batch; None: `query_index`
+    _folded_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.block_tables.shape[0]
+
+    def folded_mask(self, rep: int) -> torch.Tensor:
+        """The mask for queries folded as `[G, Hkv, Q * rep, D]`: each row repeated `rep` times.
+        Built once per step and group, then shared by every layer."""
+        if rep == 1 or self.num_queries == 1:
+            return self.mask
+        if rep not in self._folded_masks:
+            self._folded_masks[rep] = self.mask.repeat_interleave(rep, dim=2)  # [G, 1, Q * rep, L]
+        return self._folded_masks[rep]
 
 
 @dataclass
@@ -29,18 +89,209 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [B + 1] cumulative query lengths
     seq_lens: list[int]  # [B] context length after this step's tokens are added
     block_size: int
+    backend: str = "reference"  # "reference" | "batched" (already resolved)
+    # batched backend: one SDPA call per group; decode groups (one query per sequence) come first
+    groups: list[PaddedGroup] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
 
+    @classmethod
+    def build(
+        cls,
+        *,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device,
+        backend: str = "batched",
+        max_gather_tokens: int = DEFAULT_MAX_GATHER_TOKENS,
+    ) -> tuple[AttentionMetadata, torch.Tensor]:
+        """Metadata for one step, and the position of every new token (`[T]` int64, on `device`).
+
+        Sequence i computes its positions `[seq_lens[i] - query_lens[i], seq_lens[i])`, whose K/V go to
+        the blocks of `block_tables[i]`. Index arithmetic runs as tensor ops on the host (no per-token
+        Python); results are copied to `device` once each.
+        """
+        num_seqs = len(query_lens)
+        assert num_seqs == len(seq_lens) == len(block_tables) > 0
+        q_lens = torch.tensor(query_lens, dtype=torch.long)  # [B]
+        ctx_lens = torch.tensor(seq_lens, dtype=torch.long)  # [B]
+        assert bool((q_lens >= 1).all()) and bool((q_lens <= ctx_lens).all())
+        q_start = torch.zeros(num_seqs + 1, dtype=torch.long)
+        torch.cumsum(q_lens, 0, out=q_start[1:])  # [B + 1]
+        num_tokens = int(q_start[-1])
+        tables = padded_block_tables(block_tables)  # [B, max_blocks]
+
+        # token t of sequence s sits at position (seq_len - query_len)[s] + (t - q_start[s])
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
+        positions = torch.arange(num_tokens) + (ctx_lens - q_lens - q_start[:-1])[seq_of_token]  # [T]
+        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size  # [T]
+
+        meta = cls(
+            slot_mapping=slots.to(device),
+            block_tables=tables.to(device),
+            query_start_loc=q_start.tolist(),
+            seq_lens=list(seq_lens),
+            block_size=block_size,
+            backend=backend,
+        )
+        if backend == "batched":
+            is_decode = q_lens == 1
+            num_keys = -(-ctx_lens // block_size) * block_size  # [B] key positions each sequence gathers
+            for seqs in _split_by_gather(is_decode.nonzero().flatten(), num_keys, max_gather_tokens):
+                in_order = len(seqs) == num_seqs  # a decode-only step in one group: rows 0..B-1 as they are
+                meta.groups.append(
+                    decode_group(
+                        tables[seqs, : int(num_keys[seqs].max()) // block_size].to(device),
+                        ctx_lens[seqs].to(device),
+                        block_size,
+                        query_index=None if in_order else q_start[seqs].to(device),
+                    )
+                )
+            for seqs in _split_by_gather((~is_decode).nonzero().flatten(), num_keys, max_gather_tokens):
+                meta.groups.append(
+                    _prefill_group(tables[seqs], ctx_lens[seqs], q_lens[seqs], q_start[seqs], block_size, device)
+                )
+        return meta, positions.to(device)
+
+
+def padded_block_tables(rows: Sequence[Sequence[int]], width: int | None = None, fill: int = 0) -> torch.Tensor:
+    """`[len(rows), width]` int64 (host) block table, rows cut or padded with `fill`; width defaults to the
+    longest row. Built through numpy: ~10x faster than `torch.tensor` on nested lists (0.5 vs 4.4 ms
+    for 256 rows of ~40 blocks)."""
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    if width is None:
+        width = int(lens.max())
+    elif int(lens.max()) > width:
+        rows = [row[:width] for row in rows]
+        lens = np.minimum(lens, width)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
+    table = np.full((len(rows), width), fill, dtype=np.int64)
+    table[np.arange(width)[None, :] < lens[:, None]] = flat
+    return torch.from_numpy(table)
+
+
+def _split_by_gather(seqs: torch.Tensor, num_keys: torch.Tensor, max_gather_tokens: int) -> list[torch.Tensor]:
+    """Sequence indices in groups whose padded gather (size * longest key count) stays within the budget.
+
+    Within budget: one group in the given order. Otherwise longest first, in runs of similar length
+    (a sequence longer than the budget on its own still gets a group).
+    """
+    if len(seqs) == 0:
+        return []
+    keys = num_keys[seqs]
+    if len(seqs) * int(keys.max()) <= max_gather_tokens:
+        return [seqs]
+    order = torch.argsort(keys, descending=True, stable=True)
+    seqs, keys = seqs[order], keys[order]
+    groups, start = [], 0
+    while start < len(seqs):
+        size = max(1, max_gather_tokens // int(keys[start]))
+        groups.append(seqs[start : start + size])
+        start += size
+    return groups
+
+
+def decode_group(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, *, query_index: torch.Tensor | None = None
+) -> PaddedGroup:
+    """The decode group from device tensors alone: block_tables `[G, >= nb]`, seq_lens `[G]`.
+
+    Keys are gathered for `block_tables.shape[1]` blocks; pass a table already cut to the blocks the
+    longest sequence needs. Only tensor ops, so a CUDA graph can capture it over static buffers.
+    """
+    num_keys = block_tables.shape[1] * block_size
+    key_pos = torch.arange(num_keys, device=seq_lens.device)
+    mask = (key_pos[None, :] < seq_lens[:, None]).view(-1, 1, 1, num_keys)  # [G, 1, 1, L]
+    return PaddedGroup(block_tables=block_tables, mask=mask, num_queries=1, query_index=query_index)
+
+
+def _prefill_group(
+    tables: torch.Tensor,  # [G, max_blocks] host
+    ctx_lens: torch.Tensor,  # [G]
+    q_lens: torch.Tensor,  # [G]
+    q_start: torch.Tensor,  # [G] first row of each sequence in the flat batch
+    block_size: int,
+    device: torch.device,
+) -> PaddedGroup:
+    num_queries = int(q_lens.max())
+    num_blocks = -(-int(ctx_lens.max()) // block_size)
+    j = torch.arange(num_queries)[None, :]  # [1, Q]
+    j_real = torch.minimum(j, q_lens[:, None] - 1)  # [G, Q]: padding repeats the last real query
+    query_index = (q_start[:, None] + j_real).reshape(-1)  # [G * Q]
+    q_pos = (ctx_lens - q_lens)[:, None] + j_real  # [G, Q] absolute position of each query
+    is_real = (j < q_lens[:, None]).reshape(-1)  # [G * Q]
+    out_src = is_real.nonzero().flatten()
+    q_pos = q_pos.to(device)
+    key_pos = torch.arange(num_blocks * block_size, device=device)
+    mask = (key_pos[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)  # [G, 1, Q, L]
+    return PaddedGroup(
+        block_tables=tables[:, :num_blocks].to(device),
+        mask=mask,
+        num_queries=num_queries,
+        query_index=query_index.to(device),
+        out_src=out_src.to(device),
+        out_dst=query_index[out_src].to(device),
+    )
+
 
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    # key/value: [T, Hkv, D]; caches: [N, bs, Hkv, D]
+    # key/value: [T, Hkv, D]; caches: [N, bs, Hkv, D]; one scatter per cache, no per-token work
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached context. Returns [T, Hq, D]."""
+    if meta.backend == "reference":
+        return paged_attention_reference(query, k_cache, v_cache, meta, scale)
+    assert meta.backend == "batched", meta.backend
+    groups = meta.groups
+    if len(groups) == 1 and groups[0].query_index is None:
+        return _attend_group(query, k_cache, v_cache, groups[0], scale)  # decode-only step: no scatter
+    out = torch.empty_like(query)
+    for group in groups:
+        result = _attend_group(query, k_cache, v_cache, group, scale)  # [G * Q, Hq, D]
+        if group.out_src is not None:
+            result = result.index_select(0, group.out_src)
+        out.index_copy_(0, group.out_dst if group.out_dst is not None else group.query_index, result)
+    return out
+
+
+def _attend_group(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PaddedGroup, scale: float
+) -> torch.Tensor:
+    """One SDPA call for a padded group. query: [T, Hq, D] -> [G * Q, Hq, D] (padded rows included)."""
+    num_seqs, num_queries = group.num_seqs, group.num_queries
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    rep = num_heads // num_kv_heads
+    q = query if group.query_index is None else query.index_select(0, group.query_index)  # [G * Q, Hq, D]
+    blocks = group.block_tables.reshape(-1)
+    # [G * nb, bs, Hkv, D] -> [G, Hkv, L, D]
+    k = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # Query heads h*rep .. h*rep+rep-1 read KV head h (repeat_interleave order): fold them into the
+    # query axis, [G, Q, Hkv, rep, D] -> [G, Hkv, Q * rep, D]; for Q == 1 this is a view.
+    q = q.view(num_seqs, num_queries, num_kv_heads, rep, head_dim).transpose(1, 2)
+    q = q.reshape(num_seqs, num_kv_heads, num_queries * rep, head_dim)
+    out = F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=group.folded_mask(rep), scale=scale
+    )
+    # [G, Hkv, Q * rep, D] -> [G * Q, Hq, D]
+    out = out.reshape(num_seqs, num_kv_heads, num_queries, rep, head_dim).transpose(1, 2)
+    return out.reshape(num_seqs * num_queries, num_heads, head_dim)
 
 
 def paged_attention_reference(

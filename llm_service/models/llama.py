@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from llm_service.layers.attention import AttentionMetadata, paged_attention_reference, write_kv
+from llm_service.layers.attention import AttentionMetadata, paged_attention, write_kv
 from llm_service.layers.norm import RMSNorm
 from llm_service.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -53,7 +53,7 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, *cos_sin)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention_reference(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +115,56 @@ def iter_decoder_weights(decoder_dir: Path) -> Iterator[tuple[str, torch.Tensor]
                     yield name, handle.get_tensor(key)
 
 
+def _decoder_class(text_config) -> type[nn.Module]:
+    cls = _DECODER_BY_TEXT_MODEL_TYPE.get(text_config.model_type)
+    if cls is None:
+        raise ValueError(
+            f"decoder type {text_config.model_type!r} is not supported; expected {sorted(_DECODER_BY_TEXT_MODEL_TYPE)}"
+        )
+    return cls
+
+
+def build_decoder_from_config(
+    text_config,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Our decoder for an HF text config, without a checkpoint file (benchmarks, tests).
+
+    Parameters are created on `device` in `dtype`, randomly initialised, unless `weights` (HF names,
+    e.g. a Hugging Face model's `state_dict()`, already on `device` in `dtype`) is given: then the
+    model's parameters become those very tensors (shared, not copied), so a baseline can run on the
+    same weights without a second copy in memory.
+    """
+    cls = _decoder_class(text_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate parameters in `dtype` directly (no fp32 copy of a 7B model)
+    try:
+        with torch.device(device):
+            model = cls(text_config)
+    finally:
+        torch.set_default_dtype(previous)
+    if weights is not None:
+        params = dict(model.named_parameters())  # tied parameters once
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise ValueError(f"weights lack {missing[:8]}")
+        for name, param in params.items():
+            tensor = weights[name]
+            if tensor.shape != param.shape or tensor.dtype != dtype or tensor.device != param.device:
+                raise ValueError(
+                    f"{name}: got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, "
+                    f"expected {tuple(param.shape)} {dtype} on {param.device}"
+                )
+            param.data = tensor
+    return model.eval()
+
+
 def build_decoder(info: CheckpointInfo, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Instantiate the decoder for the checkpoint and load its weights (strict: nothing missing)."""
-    text_type = info.text_config.model_type
-    cls = _DECODER_BY_TEXT_MODEL_TYPE.get(text_type)
-    if cls is None:
-        raise ValueError(f"decoder type {text_type!r} is not supported; expected {sorted(_DECODER_BY_TEXT_MODEL_TYPE)}")
+    cls = _decoder_class(info.text_config)
     with torch.device(device):
         model = cls(info.text_config)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from llm_service.layers.attention import AttentionMetadata, paged_attention_reference, write_kv
+from llm_service.layers.attention import AttentionMetadata, paged_attention, write_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,7 +33,7 @@ class OPTAttention(nn.Module):
         k = self.k_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention_reference(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.out_proj(out.reshape(num_tokens, -1))
 
 

@@ -15,7 +15,6 @@ from PIL import Image
 
 from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput
 from llm_service.engine.sampling_params import SamplingParams
-from tests.engine.hf_reference import HFReference, VilaHFReference
 
 MAX_NEW_TOKENS = 10
 VIDEO_FRAMES = -4  # a case with this "image count" is a 4-frame video instead
@@ -71,26 +70,10 @@ def run_case(hf, seed: int, prompt: str, num_images: int, max_new_tokens: int):
     return hf.run(prompt, _images(seed, num_images) or None, max_new_tokens)
 
 
-@pytest.fixture(scope="module")
-def references(tiny_checkpoint):
-    """family -> (checkpoint, [(prompt, Reference)]), computed once per family."""
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            ckpt = tiny_checkpoint(family)
-            hf = VilaHFReference(ckpt) if family == "vila" else HFReference(family, ckpt)
-            refs = [
-                (prompt, run_case(hf, seed, prompt, num_images, MAX_NEW_TOKENS))
-                for seed, (prompt, num_images) in enumerate(CASES[family])
-            ]
-            cache[family] = (ckpt, refs)
-        return cache[family]
-
-    return get
-
-
-def _run_engine(ckpt, cases, num_requests: int, **engine_kwargs) -> tuple[EngineCore, dict[str, list[int]]]:
+def _run_engine(
+    ckpt, cases, num_requests: int, prepare=None, **engine_kwargs
+) -> tuple[EngineCore, dict[str, list[int]]]:
+    """`prepare(engine)`, if given, runs once before the first request (e.g. to switch a runner path on)."""
     engine = EngineCore(
         EngineConfig(
             model_dir=str(ckpt),
@@ -101,6 +84,8 @@ def _run_engine(ckpt, cases, num_requests: int, **engine_kwargs) -> tuple[Engine
             **engine_kwargs,
         )
     )
+    if prepare is not None:
+        prepare(engine)
     pending = [(f"req-{i}", cases[i % len(cases)]) for i in range(num_requests)]
     outputs: dict[str, list[int]] = {rid: [] for rid, _ in pending}
     for step in itertools.count():
@@ -139,3 +124,12 @@ def test_greedy_matches_hf(references, family, num_requests):
             assert tokens == ref.output_token_ids, f"{family} {rid} ({prompt!r})"
             if len(tokens) == MAX_NEW_TOKENS:  # (a reference may also end early on EOS)
                 assert len(set(tokens)) >= 3, "degenerate reference: the tiny checkpoint repeats one token"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_attention_backend_matches_hf(references, family):
+    """The per-sequence attention kept behind `attention_backend="reference"` stays exact too."""
+    ckpt, cases = references(family)
+    _, outputs = _run_engine(ckpt, cases, 3, attention_backend="reference")
+    for i, (rid, tokens) in enumerate(sorted(outputs.items(), key=lambda kv: int(kv[0].split("-")[1]))):
+        assert tokens == cases[i % len(cases)][1].output_token_ids, f"{family} {rid}"

@@ -1,0 +1,257 @@
+"""Shared setup of the LLM benchmarks (scenarios 1 and 2): model, engine, drivers, device ceilings.
+
+The model is LLaVA-1.5-7B's language model (Vicuna-7B: Llama, 32 layers, hidden 4096, 32 heads,
+intermediate 11008, vocab 32064) with random weights created on the device (no download, no
+checkpoint file). The Hugging Face model is built first; ours shares its very tensors
+(`build_decoder_from_config(weights=...)`), so the baselines run on the same weights, in the same
+process, on the same card. `--tiny` swaps in a 2-layer model so the scripts can be smoke-run on CPU.
+
+Timing rules: fixed output lengths (`ignore_eos` / `min_new_tokens`), warm-up runs excluded, the
+device synchronized before every clock read that ends a timed region.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput
+from llm_service.engine.sampling_params import SamplingParams
+from llm_service.models.loader import build_decoder_from_config
+
+VICUNA_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+)
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, rms_norm_eps=1e-5,
+)
+
+
+def llama_config(tiny: bool) -> LlamaConfig:
+    # eos None: random weights must never end a Hugging Face run early (fixed output lengths)
+    return LlamaConfig(**(TINY if tiny else VICUNA_7B), attn_implementation="sdpa", eos_token_id=None)
+
+
+def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `vocab_size` made-up words, so the engine's detokenizer runs on
+    every generated id as in production (the cost per token is one small `decode`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2")
+
+
+@dataclass
+class Models:
+    config: LlamaConfig
+    hf: LlamaForCausalLM  # Hugging Face baseline
+    ours: torch.nn.Module  # our decoder, sharing `hf`'s weight tensors
+    tokenizer: PreTrainedTokenizerFast
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build_models(*, tiny: bool, device: str, dtype: torch.dtype, seed: int = 0) -> Models:
+    config = llama_config(tiny)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # random init straight in bf16 on the device: no fp32 copy of 7B
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    hf = hf.to(dtype).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ours = build_decoder_from_config(config, dtype=dtype, device=device, weights=hf.state_dict())
+    return Models(config, hf, ours, synthetic_tokenizer(config.vocab_size), torch.device(device), dtype)
+
+
+def build_engine(models: Models, **engine_kwargs) -> EngineCore:
+    config = EngineConfig(
+        model_dir="",  # from_model reads nothing from disk
+        device=str(models.device),
+        dtype=str(models.dtype).removeprefix("torch."),
+        **engine_kwargs,
+    )
+    return EngineCore.from_model(models.ours, models.tokenizer, config)
+
+
+def release(engine: EngineCore | None) -> None:
+    """Free an engine's KV cache and CUDA graphs (the shared weights stay) before the next system runs.
+    The engine is unusable afterwards."""
+    if engine is not None:
+        engine.runner.decode_graphs = None  # its graphs hold the memory pool and views of the KV cache
+        engine.runner.kv_cache = None
+        engine.runner.kv_caches = []
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Distinct random prompts (ids >= 3, past bos/eos/unk), so no prefix cache hits across requests."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- drivers ------------------------------------------------------------------------------------
+
+
+_REQUEST_IDS = itertools.count()  # request ids unique across runs on one engine
+
+
+def run_engine(engine: EngineCore, prompts: Sequence[list[int]], max_tokens: int, concurrency: int) -> dict:
+    """Closed loop: keep `concurrency` requests in flight until every prompt is served.
+
+    Returns output tok/s over the whole run and per-request TTFT / time-per-output-token medians.
+    """
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    pending = list(prompts)
+    submitted: dict[str, float] = {}
+    first: dict[str, float] = {}
+    finished: dict[str, tuple[float, int]] = {}
+    num_steps = 0
+    preemptions_before = engine.scheduler.num_preemptions
+    start = time.perf_counter()
+    try:
+        while pending or engine.has_unfinished_requests():
+            while pending and len(submitted) - len(finished) < concurrency:
+                rid = f"bench-{next(_REQUEST_IDS)}"
+                engine.add_request(GenerationInput(rid, prompt_token_ids=pending.pop(0), sampling=params))
+                submitted[rid] = time.perf_counter()
+            outputs = engine.step()
+            num_steps += 1
+            now = time.perf_counter()
+            for out in outputs:
+                if out.new_token_ids and out.request_id not in first:
+                    first[out.request_id] = now
+                if out.is_finished:
+                    finished[out.request_id] = (now, out.num_output_tokens)
+    finally:  # after a failure, leave the engine empty for the next point
+        for rid in set(submitted) - set(finished):
+            engine.abort(rid)
+    elapsed = time.perf_counter() - start
+    num_tokens = sum(n for _, n in finished.values())
+    if num_tokens != max_tokens * len(prompts):
+        raise RuntimeError(f"{num_tokens} output tokens, expected {max_tokens * len(prompts)}: fixed lengths broken")
+    ttft = sorted(first[r] - submitted[r] for r in finished)
+    tpot = sorted((finished[r][0] - first[r]) / max(1, finished[r][1] - 1) for r in finished)
+    return {
+        "elapsed_s": elapsed,
+        "num_requests": len(prompts),
+        "output_tokens": num_tokens,
+        "output_tok_s": num_tokens / elapsed,
+        "req_s": len(prompts) / elapsed,
+        "ttft_ms_median": 1e3 * ttft[len(ttft) // 2],
+        "tpot_ms_median": 1e3 * tpot[len(tpot) // 2],
+        "num_steps": num_steps,
+        "num_preemptions": engine.scheduler.num_preemptions - preemptions_before,
+    }
+
+
+@torch.inference_mode()
+def hf_generate(models: Models, prompts: Sequence[list[int]], max_tokens: int, **generate_kwargs) -> float:
+    """One Hugging Face `generate` call on a batch of equal-length prompts; seconds, device synced."""
+    ids = torch.tensor(list(prompts), device=models.device)
+    sync(models.device)
+    start = time.perf_counter()
+    out = models.hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+        do_sample=False, **generate_kwargs,
+    )
+    sync(models.device)
+    elapsed = time.perf_counter() - start
+    if out.shape[1] != ids.shape[1] + max_tokens:
+        raise RuntimeError(f"HF generated {out.shape[1] - ids.shape[1]} tokens, expected {max_tokens}")
+    return elapsed
+
+
+# --- device ceilings ------------------------------------------------------------------------------
+
+
+def copy_bandwidth_bytes_per_s(device: torch.device, num_bytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth, bytes read + bytes written (METHOD.md's memory ceiling)."""
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    sync(device)
+    return 2 * num_bytes * iters / (time.perf_counter() - start)
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter except the input embedding table (one
+    row of it is read), lm_head included."""
+    embed = model.model.embed_tokens.weight
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if param.data_ptr() in seen or (param is embed and param is not model.lm_head.weight):
+            continue
+        seen.add(param.data_ptr())
+        total += param.numel() * param.element_size()
+    return total
+
+
+def kv_bytes_per_token(config: LlamaConfig, dtype: torch.dtype) -> int:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_plot(path: Path, draw: Callable) -> bool:
+    """`draw(plt)` into a PNG; False (and a note on stdout) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return False
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
