@@ -95,7 +95,7 @@ class ModelRunner:
         max_graph_batch_size: int = 256,
     ) -> None:
         self.model = model
-        self.attention_backend = resolve_attention_backend(attention_backend)
+        self.attention_backend = resolve_attention_backend(attention_backend, torch.device(device).type)
         self.device = device
         self.dtype = dtype
         self.block_size = block_size

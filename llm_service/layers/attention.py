@@ -38,11 +38,14 @@ ATTENTION_BACKENDS = ("auto", "reference", "batched")
 DEFAULT_MAX_GATHER_TOKENS = 128 * 1024
 
 
-def resolve_attention_backend(name: str) -> str:
-    """`auto` -> `batched`; anything outside `ATTENTION_BACKENDS` is a ValueError."""
+def resolve_attention_backend(name: str, device_type: str = "cpu") -> str:
+    """`auto` -> `batched` on CPU; on CUDA `reference`, the path whose GPU parity has been checked,
+    until the batched path is verified there (tests/gpu). Unknown names are a ValueError."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
-    return "batched" if name == "auto" else name
+    if name == "auto":
+        return "reference" if device_type == "cuda" else "batched"
+    return name
 
 
 @dataclass
