@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument("--no-prefix-caching", action="store_true", help="disable KV prefix reuse")
     engine.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+    engine.add_argument(
+        "--attention-backend",
+        choices=("auto", "reference", "batched"),
+        default="auto",
+        help="paged attention: batched (one SDPA call for decode rows, one for prefill chunks) or "
+        "reference (one call per sequence); auto = batched on CPU, reference on CUDA until the "
+        "batched path is verified there",
+    )
+    engine.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="run decode steps under CUDA graphs (CUDA only; opt-in until verified on a GPU)",
+    )
     service = parser.add_argument_group("service")
     service.add_argument(
         "--embedding-cache-bytes",
@@ -120,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
         max_prefill_chunk_tokens=args.max_prefill_chunk_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
         embedding_cache_bytes=args.embedding_cache_bytes,
         encoder_address=args.encoder_address,
         encoder_timeout_s=args.encoder_timeout_s,

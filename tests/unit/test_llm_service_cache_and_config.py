@@ -95,3 +95,13 @@ def test_default_sampling_follows_generation_config(tmp_path):
     (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
     params = default_sampling(tmp_path, 32)
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (32, 0.6, 0.9, 50)
+
+
+def test_attention_and_graph_flags_reach_the_engine_config():
+    args = build_parser().parse_args(["--model", "ckpt", "--device", "cpu", "--attention-backend", "reference"])
+    engine = config_from_args(args).engine_config()
+    assert engine.attention_backend == "reference" and engine.enforce_eager is True
+    args = build_parser().parse_args(["--model", "ckpt", "--device", "cuda", "--cuda-graphs"])
+    assert config_from_args(args).engine_config().use_cuda_graphs
+    with pytest.raises(InvalidArgumentError, match="CUDA graphs"):
+        config_from_args(build_parser().parse_args(["--model", "ckpt", "--device", "cpu", "--cuda-graphs"]))
