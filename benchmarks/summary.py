@@ -87,13 +87,11 @@ EXTRACTORS: dict[str, Callable[[Path], tuple[float, str, str]]] = {
     "hbm_floor_ms_per_token": _headline("decode_bs1.json", "hbm_floor_ms_per_token", "bench_decode.py"),
     "throughput_128_128_c256_tok_s": _throughput("engine"),
     "hf_cb_throughput_128_128_c256_tok_s": _throughput("hf_cb"),
-    "image_ttft_ms_c1": _headline("multimodal.json", "image_ttft_ms_c1", "the scenario 3 benchmark, not written yet"),
-    "image_ttft_repeat_ms_c1": _headline(
-        "repeat_image.json", "image_ttft_repeat_ms_c1", "the scenario 5 benchmark, not written yet"
-    ),
+    "image_ttft_ms_c1": _headline("scenario3_multimodal.json", "image_ttft_ms_c1", "bench_multimodal.py"),
+    "image_ttft_repeat_ms_c1": _headline("scenario5_repeat.json", "image_ttft_repeat_ms_c1", "bench_multimodal.py"),
     "encoder_images_per_s_bs64": _encoder,
-    "grpc_overhead_pct_c64": _headline(
-        "multimodal.json", "grpc_overhead_pct_c64", "the scenario 3 benchmark, not written yet"
+    "grpc_overhead_pct_c64": _headline(  # bench_multimodal.py times the services only, not the engine in-process
+        "grpc_overhead.json", "grpc_overhead_pct_c64", "a gRPC-vs-in-process benchmark, not written yet"
     ),
 }
 

@@ -4,6 +4,7 @@ picks the headline figures out of them (nulls with a reason for what is missing)
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -51,3 +52,32 @@ def test_attention_micro_benchmark_smoke(scripts, tmp_path):
     row = json.loads((tmp_path / "attention_micro.json").read_text())["layouts"]["mixed_31dec_1x256"]
     for variant in ("batched", "one_group", "gqa_enable", "gqa_repeat"):
         assert row[variant]["rel_err_vs_reference"] < 1e-5, variant
+
+
+def test_multimodal_benchmark_smoke(scripts, tmp_path):
+    """Both services as child processes on the tiny llava checkpoint, the SDK from two threads."""
+    out = tmp_path / "results"
+    assert scripts("bench_multimodal").main([
+        "--tiny", "--out", str(out), "--concurrency", "1,2", "--outputs", "3", "--min-requests", "2",
+        "--requests-per-concurrency", "1", "--text-tokens", "24",
+    ]) == 0
+    s3 = json.loads((out / "scenario3_multimodal.json").read_text())
+    s5 = json.loads((out / "scenario5_repeat.json").read_text())
+    assert (out / "scenario3_multimodal.png").is_file() or importlib.util.find_spec("matplotlib") is None
+    assert {(p["concurrency"], p["output"]) for p in s3["points"]} == {(1, 3), (2, 3)}
+    for point in s3["points"]:
+        for key in ("ttft_ms_p50", "ttft_ms_p90", "preprocess_ms_p50", "encode_ms_p50", "transfer_ms_p50",
+                    "queue_ms_p50", "prefill_ms_p50", "output_tok_s", "cached_prompt_tokens_median"):
+            assert point[key] is not None, key
+        assert point["output_tokens"] == 3 * point["num_requests"]
+        assert point["encoder_cache_hits"] == 0 and point["encode_calls"] == point["num_requests"]  # all distinct
+    assert set(s3["columns"]) >= {"preprocess_ms", "encode_ms", "transfer_ms", "prefill_ms"}
+    assert s3["headline"]["image_ttft_ms_c1"] > 0
+    repeat = next(p for p in s5["points"] if p["concurrency"] == 1)
+    assert repeat["cached_prompt_tokens_min"] > 0 and repeat["requests_with_encoder_cache_hit"] == repeat["num_requests"]
+    assert s5["headline"]["image_ttft_repeat_ms_c1"] > 0 and s5["headline"]["encoder_cache_hits_c1"] > 0
+
+    summary = scripts("summary").summarize(out)
+    assert summary["image_ttft_ms_c1"] == s3["headline"]["image_ttft_ms_c1"]
+    assert summary["image_ttft_repeat_ms_c1"] == s5["headline"]["image_ttft_repeat_ms_c1"]
+    assert summary["grpc_overhead_pct_c64"] is None and "reason" in summary["sources"]["grpc_overhead_pct_c64"]
