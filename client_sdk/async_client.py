@@ -22,14 +22,12 @@ from client_sdk.call import CallSpec, Deadline, Prompt, prepare_call, should_res
 from client_sdk.errors import VlmClientError, from_rpc_error
 from client_sdk.media import ImageInput, VideoInput
 from client_sdk.media_plan import MediaPlan
-from client_sdk.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, ClientSettings
+from client_sdk.settings import ENCODER, LLM, ClientBase
 from client_sdk.types import GenerateResult, StreamDelta
 from vlm_protocol.media_ids import PreprocessingIdentity
 
 logger = logging.getLogger(__name__)
 
-ENCODER = "encoder"
-LLM = "llm"
 
 
 class GenerationStream:
@@ -58,46 +56,11 @@ class GenerationStream:
         await self._deltas.aclose()  # type: ignore[attr-defined]
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """asyncio client of one encoder service and one LLM service; arguments as ``Client``'s.
 
     Channels are created on first use inside the running event loop; use one client per loop.
     """
-
-    def __init__(
-        self,
-        encoder_address: str | None = None,
-        llm_address: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        *,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        one_call: bool = False,
-        credentials: grpc.ChannelCredentials | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.settings = ClientSettings.resolve(
-            encoder_address,
-            llm_address,
-            timeout_s=timeout_s,
-            max_message_bytes=max_message_bytes,
-            one_call=one_call,
-            channel_options=channel_options,
-        )
-        self._credentials = credentials
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._encoder_info: encoder_service_pb2.EncoderServiceGetModelInfoResponse | None = None
-        self._closed = False
-
-    @property
-    def encoder_address(self) -> str:
-        return self.settings.encoder_address
-
-    @property
-    def llm_address(self) -> str:
-        return self.settings.llm_address
-
-    def _address(self, which: str) -> str:
-        return self.settings.encoder_address if which == ENCODER else self.settings.llm_address
 
     def _channel(self, which: str) -> grpc.aio.Channel:
         if self._closed:

@@ -6,6 +6,7 @@ The environment is read when a client is constructed, never at import time.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,3 +92,47 @@ class ClientSettings:
             ("grpc.lb_policy_name", "round_robin"),
             *self.extra_channel_options,
         ]
+
+
+ENCODER = "encoder"
+LLM = "llm"
+
+
+class ClientBase:
+    """What `Client` and `AsyncClient` share: resolved settings, addresses and cached encoder info."""
+
+    def __init__(
+        self,
+        encoder_address: str | None = None,
+        llm_address: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        one_call: bool = False,
+        credentials: Any = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.settings = ClientSettings.resolve(
+            encoder_address,
+            llm_address,
+            timeout_s=timeout_s,
+            max_message_bytes=max_message_bytes,
+            one_call=one_call,
+            channel_options=channel_options,
+        )
+        self._credentials = credentials  # grpc.ChannelCredentials or None for plaintext
+        self._channels: dict[str, Any] = {}
+        self._encoder_info: Any = None  # EncoderServiceGetModelInfoResponse once fetched
+        self._closed = False
+        self._lock = threading.Lock()  # guards channel creation in the thread-safe sync client
+
+    @property
+    def encoder_address(self) -> str:
+        return self.settings.encoder_address
+
+    @property
+    def llm_address(self) -> str:
+        return self.settings.llm_address
+
+    def _address(self, which: str) -> str:
+        return self.settings.encoder_address if which == ENCODER else self.settings.llm_address
