@@ -139,6 +139,9 @@ def run_layout(name: str, args, device: torch.device, dtype: torch.dtype) -> dic
             query, k_cache, v_cache, meta, scale, lambda *a: _sdpa_group_variant(*a, gqa="repeat")
         ),
     }
+    if device.type == "cuda":  # the paged Triton decode kernel (prefill chunks stay on batched SDPA)
+        triton_meta = build("triton")
+        variants["triton"] = lambda: paged_attention(query, k_cache, v_cache, triton_meta, scale)
     expected = variants["reference"]().float()
     result: dict = {"num_seqs": len(query_lens), "num_tokens": sum(query_lens), "mean_context": mean_ctx}
     times = _timed_interleaved(variants, args.iters, device)
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.layouts.split(","):
         results["layouts"][name] = run_layout(name, args, device, dtype)
-    names = ["reference", "batched", "one_group", "gqa_enable", "gqa_repeat"]
+    names = list(next(iter(results["layouts"].values())).keys() - {"num_seqs", "num_tokens", "mean_context"})
+    names.sort(key=["reference", "batched", "triton", "one_group", "gqa_enable", "gqa_repeat"].index)
     print(f"{results['device']} {results['dtype']}  Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim}  "
           "ms/call, median (min)")
     print(f"{'layout':<20}" + "".join(f"{n:>17}" for n in names))

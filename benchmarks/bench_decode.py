@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per shape of our engine")
     parser.add_argument("--hf-repeats", type=int, default=1, help="timed runs per shape of each HF mode")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | reference")
+    parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | triton | reference")
     parser.add_argument("--headline", default=None, help="input/output of the summary figure (default: the first)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

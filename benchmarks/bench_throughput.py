@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="our engine's step budget")
     parser.add_argument("--kv-memory-fraction", type=float, default=0.85)
     parser.add_argument("--enforce-eager", action="store_true", help="our engine without CUDA graphs")
-    parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | reference")
+    parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | triton | reference")
     parser.add_argument("--merge", action="store_true", help=f"add to an existing {RESULT_FILE}")
     parser.add_argument("--time-budget-s", type=float, default=None, help="start no new point after this")
     args = parser.parse_args(argv)

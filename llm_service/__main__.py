@@ -74,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
     engine.add_argument(
         "--attention-backend",
-        choices=("auto", "reference", "batched"),
+        choices=("auto", "reference", "batched", "triton"),
         default="auto",
-        help="paged attention: batched (one SDPA call for decode rows, one for prefill chunks) or "
-        "reference (one call per sequence); auto = batched on CPU, reference on CUDA until the "
-        "batched path is verified there",
+        help="paged attention: batched (one SDPA call for decode rows, one for prefill chunks), "
+        "triton (decode rows read the paged cache in place, a Triton kernel; CUDA only) or "
+        "reference (one call per sequence); auto = triton on CUDA, batched elsewhere",
     )
     engine.add_argument(
-        "--cuda-graphs",
+        "--enforce-eager",
         action="store_true",
-        help="run decode steps under CUDA graphs (CUDA only; opt-in until verified on a GPU)",
+        help="run every step eagerly: no CUDA graphs (by default decode steps replay graphs on CUDA)",
     )
     service = parser.add_argument_group("service")
     service.add_argument(
@@ -134,7 +134,7 @@ def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
         attention_backend=args.attention_backend,
-        cuda_graphs=args.cuda_graphs,
+        enforce_eager=args.enforce_eager,
         embedding_cache_bytes=args.embedding_cache_bytes,
         encoder_address=args.encoder_address,
         encoder_timeout_s=args.encoder_timeout_s,

@@ -64,8 +64,8 @@ class LlmServiceConfig:
     max_prefill_chunk_tokens: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    attention_backend: str = "auto"  # auto | reference | batched (EngineConfig validates)
-    cuda_graphs: bool = False  # decode under CUDA graphs (opt-in until verified on a GPU)
+    attention_backend: str = "auto"  # auto | reference | batched | triton (EngineConfig validates)
+    enforce_eager: bool = False  # True: no CUDA graphs (decode steps replay them on CUDA by default)
     embedding_cache_bytes: int = 2048 * MiB
     encoder_address: str | None = None
     encoder_timeout_s: float = 60.0
@@ -114,10 +114,8 @@ class LlmServiceConfig:
             raise bad("request_timeout_s", "must be > 0 or unset")
         if not 0 <= self.seed < 2**63:
             raise bad("seed", "must be in [0, 2^63)")
-        if self.attention_backend not in ("auto", "reference", "batched"):
-            raise bad("attention_backend", "must be auto, reference or batched")
-        if self.cuda_graphs and self.device not in ("auto",) and not self.device.startswith("cuda"):
-            raise bad("device", "cannot run CUDA graphs (--cuda-graphs needs a cuda device)")
+        if self.attention_backend not in ("auto", "reference", "batched", "triton"):
+            raise bad("attention_backend", "must be auto, reference, batched or triton")
         self.server_config()  # validates host, port, message size, grace period, drain delay
 
     @property
@@ -155,7 +153,7 @@ class LlmServiceConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             attention_backend=self.attention_backend,
-            enforce_eager=not self.cuda_graphs,
+            enforce_eager=True if self.enforce_eager else None,
         )
 
 

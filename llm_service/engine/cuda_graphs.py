@@ -5,7 +5,7 @@ time to launch them (tens of ms) is several times the ~5 ms of GPU work. A graph
 step (embedding, every layer, final norm) with one launch.
 
 What runs in a graph: decode-only steps (every sequence has exactly one new token, no prompt-table
-rows) of self-attention models, with the batched attention backend. Everything else (prefill,
+rows) of self-attention models, with the batched or triton attention backend. Everything else (prefill,
 mixed steps, batches or contexts past the captured buckets, mllama) runs eagerly; the runner
 decides.
 
@@ -14,7 +14,9 @@ Padding rows read token 0 at position 0, write their K/V into a scratch block no
 KV tensor has one block more than the scheduler hands out) and attend to that block alone. Keys are
 gathered for a bucket of blocks (powers of two) that covers the longest context, so the padded K/V
 gather of the batched attention path stays proportional to the real contexts; (batch, blocks)
-pairs whose gather would exceed `max_gather_tokens` are not captured.
+pairs whose gather would exceed `max_gather_tokens` are not captured. The triton backend reads each
+sequence's own length on the device, so it needs no block buckets: one graph per batch size, over
+the full block-table width.
 
 Static buffers: every graph reads the same input tensors (sized for the largest bucket) and writes
 its hidden states into one output tensor; all graphs share one memory pool and are captured largest
@@ -75,6 +77,7 @@ class DecodeGraphs:
         device: torch.device,
         dtype: torch.dtype,
         capture: bool,
+        attention_backend: str = "batched",
         max_gather_tokens: int = DEFAULT_MAX_GATHER_TOKENS,
     ) -> None:
         if capture and device.type != "cuda":
@@ -85,11 +88,17 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.device = device
         self.capture = capture
+        assert attention_backend in ("batched", "triton"), attention_backend
+        self.attention_backend = attention_backend
         self.batch_sizes = batch_buckets(max_batch_size)
-        self.block_counts = block_buckets(max_blocks_per_seq)
-        self.keys = [
-            (b, n) for b in self.batch_sizes for n in self.block_counts if b * n * block_size <= max_gather_tokens
-        ]
+        if attention_backend == "triton":
+            self.block_counts = [max_blocks_per_seq]
+            self.keys = [(b, max_blocks_per_seq) for b in self.batch_sizes]
+        else:
+            self.block_counts = block_buckets(max_blocks_per_seq)
+            self.keys = [
+                (b, n) for b in self.batch_sizes for n in self.block_counts if b * n * block_size <= max_gather_tokens
+            ]
         # static inputs, sized for the largest bucket; every graph reads views of these
         max_b, max_n = self.batch_sizes[-1], self.block_counts[-1]
         self.input_ids = torch.zeros(max_b, dtype=torch.long, device=device)  # [B]
@@ -156,8 +165,12 @@ class DecodeGraphs:
             query_start_loc=list(range(batch + 1)),
             seq_lens=[],
             block_size=self.block_size,
-            backend="batched",
-            groups=[decode_group(tables, self.seq_lens[:batch], self.block_size)],
+            backend=self.attention_backend,
+            groups=[
+                decode_group(
+                    tables, self.seq_lens[:batch], self.block_size, with_mask=self.attention_backend == "batched"
+                )
+            ],
         )
         embeds = self.model.embed_input_ids(self.input_ids[:batch])  # [B, H]
         return self.model(embeds, self.positions[:batch], self.kv_caches, meta)  # [B, H]

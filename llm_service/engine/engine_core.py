@@ -50,12 +50,12 @@ class EngineConfig:
     max_prefill_chunk_tokens: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    # "auto" (= "batched": one SDPA call per step for decode rows, one for prefill chunks) or
-    # "reference" (one SDPA call per sequence; slow, kept to check the batched path against)
+    # "auto": "triton" on CUDA (decode rows read the paged cache in place; prefill chunks use SDPA),
+    # "batched" on CPU (one SDPA call per step for decode rows, one for prefill chunks); "reference"
+    # (one SDPA call per sequence; slow, kept to check the others against). See layers/attention.py.
     attention_backend: str = "auto"
-    # False: decode steps replay CUDA graphs captured per padded batch size (CUDA only). True/None:
-    # every step runs eagerly. None stays eager until the graph path has been verified on a GPU
-    # (tests/gpu/test_decode_graphs_gpu.py); then its default should become graphs on CUDA.
+    # None: decode steps replay CUDA graphs captured per padded batch size on CUDA, eager elsewhere.
+    # True: every step runs eagerly. False: graphs, and a ValueError off CUDA.
     enforce_eager: bool | None = None
     # Largest decode batch served by a graph (bigger batches run eagerly); buckets are 1, 2, 4, 8, 16,
     # then multiples of 16 up to this.
@@ -68,15 +68,19 @@ class EngineConfig:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        resolve_attention_backend(self.attention_backend)  # raises ValueError on an unknown name
+        resolve_attention_backend(self.attention_backend, self.device_type)  # ValueError on a bad name
         if self.enforce_eager is False and not self.device.startswith("cuda"):
             raise ValueError(f"enforce_eager=False needs a CUDA device (CUDA graphs), got device {self.device!r}")
         if self.max_graph_batch_size < 1:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
 
     @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
     def use_cuda_graphs(self) -> bool:
-        return self.enforce_eager is False
+        return self.enforce_eager is False or (self.enforce_eager is None and self.device_type == "cuda")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -122,8 +122,8 @@ class ModelRunner:
     def enable_decode_graphs(self, *, capture: bool) -> None:
         """Serve decode-only steps from `DecodeGraphs`; `capture=False` runs the same padded static-buffer
         path eagerly (for CPU tests of everything but capture and replay)."""
-        if self.is_cross_attention_model or self.attention_backend != "batched":
-            logger.info("decode graphs are off: they need a self-attention model and the batched attention backend")
+        if self.is_cross_attention_model or self.attention_backend not in ("batched", "triton"):
+            logger.info("decode graphs are off: they need a self-attention model and the batched or triton attention")
             return
         if self.max_model_len is None:
             raise ValueError("decode graphs need max_model_len (the widest block table)")
@@ -138,6 +138,7 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
             capture=capture,
+            attention_backend=self.attention_backend,
         )
 
     @property

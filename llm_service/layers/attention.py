@@ -18,13 +18,19 @@ Two implementations behind the same `AttentionMetadata` (chosen by `metadata.bac
 
   The padded gather costs a copy of every attended K/V per layer (written once, read twice); a paged
   kernel that reads the blocks in place (Triton, FlexAttention) is the GPU follow-up.
+* `triton`: as `batched`, except that decode rows go to a Triton kernel that reads each sequence's
+  K/V blocks in place through the block table (split-KV, `triton_decode.py`): no gather, no mask,
+  one group whatever the lengths. Prefill chunks still use the batched SDPA path. CUDA only.
 * `reference`: one SDPA call per sequence (exact, slow: a Python loop over the batch); kept to check
   the batched path against.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,19 +38,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "reference", "batched")
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "reference", "batched", "triton")
 # Most key positions one SDPA call gathers (G * L_max): 128k positions of Llama-7B-shaped K+V are
 # 2 GiB of transient memory per layer.
 DEFAULT_MAX_GATHER_TOKENS = 128 * 1024
 
 
 def resolve_attention_backend(name: str, device_type: str = "cpu") -> str:
-    """`auto` -> `batched` on CPU; on CUDA `reference`, the path whose GPU parity has been checked,
-    until the batched path is verified there (tests/gpu). Unknown names are a ValueError."""
+    """`auto` -> `triton` on CUDA (`batched`, with a warning, where triton is not installed), `batched`
+    elsewhere. `triton` needs a CUDA device (or `TRITON_INTERPRET=1`, as the CPU interpreter tests
+    use) and the triton package. Unknown names and unmet needs are a ValueError."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
-        return "reference" if device_type == "cuda" else "batched"
+        if device_type != "cuda":
+            return "batched"
+        if not has_triton:
+            logger.warning("attention_backend auto: triton is not installed, decode attention uses 'batched'")
+        return "triton" if has_triton else "batched"
+    if name == "triton":
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"attention_backend 'triton' needs a CUDA device, got {device_type!r}; use 'batched'")
+        if not has_triton:
+            raise ValueError("attention_backend 'triton' needs the triton package (pip install triton)")
     return name
 
 
@@ -58,11 +77,14 @@ class PaddedGroup:
     """
 
     block_tables: torch.Tensor  # [G, nb] int64 block ids; nb * block_size >= every context length
-    mask: torch.Tensor  # [G, 1, Q, nb * block_size] bool: query may see key (causal, inside the context)
+    # [G, 1, Q, nb * block_size] bool: query may see key (causal, inside the context); None for a decode
+    # group the Triton kernel serves (it reads `seq_lens` instead)
+    mask: torch.Tensor | None
     num_queries: int  # Q
     query_index: torch.Tensor | None  # [G * Q] rows of the flat batch; None: rows 0..G-1 (decode-only step)
     out_src: torch.Tensor | None = None  # [n] real rows of the padded [G * Q] output; None: all of them
     out_dst: torch.Tensor | None = None  # [n] their rows in the flat batch; None: `query_index`
+    seq_lens: torch.Tensor | None = None  # [G] context lengths (decode groups)
     _folded_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -92,7 +114,7 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [B + 1] cumulative query lengths
     seq_lens: list[int]  # [B] context length after this step's tokens are added
     block_size: int
-    backend: str = "reference"  # "reference" | "batched" (already resolved)
+    backend: str = "reference"  # "reference" | "batched" | "triton" (already resolved)
     # batched backend: one SDPA call per group; decode groups (one query per sequence) come first
     groups: list[PaddedGroup] = field(default_factory=list)
 
@@ -141,10 +163,15 @@ class AttentionMetadata:
             block_size=block_size,
             backend=backend,
         )
-        if backend == "batched":
+        if backend in ("batched", "triton"):
             is_decode = q_lens == 1
             num_keys = -(-ctx_lens // block_size) * block_size  # [B] key positions each sequence gathers
-            for seqs in _split_by_gather(is_decode.nonzero().flatten(), num_keys, max_gather_tokens):
+            decode_seqs = is_decode.nonzero().flatten()
+            if backend == "triton":  # reads blocks in place: one group, no gather budget
+                decode_groups = [decode_seqs] if len(decode_seqs) else []
+            else:
+                decode_groups = _split_by_gather(decode_seqs, num_keys, max_gather_tokens)
+            for seqs in decode_groups:
                 in_order = len(seqs) == num_seqs  # a decode-only step in one group: rows 0..B-1 as they are
                 meta.groups.append(
                     decode_group(
@@ -152,6 +179,7 @@ class AttentionMetadata:
                         ctx_lens[seqs].to(device),
                         block_size,
                         query_index=None if in_order else q_start[seqs].to(device),
+                        with_mask=backend == "batched",
                     )
                 )
             for seqs in _split_by_gather((~is_decode).nonzero().flatten(), num_keys, max_gather_tokens):
@@ -199,17 +227,28 @@ def _split_by_gather(seqs: torch.Tensor, num_keys: torch.Tensor, max_gather_toke
 
 
 def decode_group(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, *, query_index: torch.Tensor | None = None
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    *,
+    query_index: torch.Tensor | None = None,
+    with_mask: bool = True,
 ) -> PaddedGroup:
     """The decode group from device tensors alone: block_tables `[G, >= nb]`, seq_lens `[G]`.
 
-    Keys are gathered for `block_tables.shape[1]` blocks; pass a table already cut to the blocks the
-    longest sequence needs. Only tensor ops, so a CUDA graph can capture it over static buffers.
+    `with_mask` (the batched path): keys are gathered for `block_tables.shape[1]` blocks, so pass a
+    table already cut to the blocks the longest sequence needs. Without it the Triton kernel reads
+    `seq_lens` and any table width works. Only tensor ops, so a CUDA graph can capture it over static
+    buffers.
     """
-    num_keys = block_tables.shape[1] * block_size
-    key_pos = torch.arange(num_keys, device=seq_lens.device)
-    mask = (key_pos[None, :] < seq_lens[:, None]).view(-1, 1, 1, num_keys)  # [G, 1, 1, L]
-    return PaddedGroup(block_tables=block_tables, mask=mask, num_queries=1, query_index=query_index)
+    mask = None
+    if with_mask:
+        num_keys = block_tables.shape[1] * block_size
+        key_pos = torch.arange(num_keys, device=seq_lens.device)
+        mask = (key_pos[None, :] < seq_lens[:, None]).view(-1, 1, 1, num_keys)  # [G, 1, 1, L]
+    return PaddedGroup(
+        block_tables=block_tables, mask=mask, num_queries=1, query_index=query_index, seq_lens=seq_lens
+    )
 
 
 def _prefill_group(
@@ -259,7 +298,7 @@ def paged_attention(
     """Causal attention of each sequence's new queries over its cached context. Returns [T, Hq, D]."""
     if meta.backend == "reference":
         return paged_attention_reference(query, k_cache, v_cache, meta, scale)
-    assert meta.backend == "batched", meta.backend
+    assert meta.backend in ("batched", "triton"), meta.backend
     groups = meta.groups
     if len(groups) == 1 and groups[0].query_index is None:
         return _attend_group(query, k_cache, v_cache, groups[0], scale)  # decode-only step: no scatter
@@ -275,7 +314,13 @@ def paged_attention(
 def _attend_group(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: PaddedGroup, scale: float
 ) -> torch.Tensor:
-    """One SDPA call for a padded group. query: [T, Hq, D] -> [G * Q, Hq, D] (padded rows included)."""
+    """One SDPA call (or the Triton decode kernel) for a padded group.
+    query: [T, Hq, D] -> [G * Q, Hq, D] (padded rows included)."""
+    if group.mask is None:  # a decode group for the Triton kernel
+        from llm_service.layers.triton_decode import paged_decode_attention  # needs triton: imported on use
+
+        q = query if group.query_index is None else query.index_select(0, group.query_index)  # [G, Hq, D]
+        return paged_decode_attention(q, k_cache, v_cache, group.block_tables, group.seq_lens, scale)
     num_seqs, num_queries = group.num_seqs, group.num_queries
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]

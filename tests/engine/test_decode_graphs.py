@@ -36,7 +36,8 @@ def test_graphs_need_cuda():
     with pytest.raises(ValueError, match="CUDA"):
         EngineConfig(model_dir="x", device="cpu", enforce_eager=False)
     assert not EngineConfig(model_dir="x", device="cpu").use_cuda_graphs
-    assert not EngineConfig(model_dir="x", device="cuda").use_cuda_graphs  # until verified on a GPU
+    assert EngineConfig(model_dir="x", device="cuda").use_cuda_graphs  # the default on CUDA
+    assert EngineConfig(model_dir="x", device="cuda:1").use_cuda_graphs
     assert EngineConfig(model_dir="x", device="cuda", enforce_eager=False).use_cuda_graphs
     assert not EngineConfig(model_dir="x", device="cuda", enforce_eager=True).use_cuda_graphs
 

@@ -35,19 +35,21 @@ class _Replays:
         graphs.run = counted
 
 
-def _outputs(ckpt, cases, dtype: str, *, enforce_eager: bool, prepare=None) -> dict[str, list[int]]:
+def _outputs(ckpt, cases, dtype: str, backend: str, *, enforce_eager: bool, prepare=None) -> dict[str, list[int]]:
     _, outputs = _run_engine(
-        ckpt, cases, 16, prepare=prepare, device="cuda", dtype=dtype, num_kv_blocks=512, enforce_eager=enforce_eager
+        ckpt, cases, 16, prepare=prepare, device="cuda", dtype=dtype, num_kv_blocks=512, enforce_eager=enforce_eager,
+        attention_backend=backend,
     )
     return outputs
 
 
+@pytest.mark.parametrize("backend", ["batched", "triton"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_graphs_equal_eager_fp32_and_hf(references, family):  # noqa: F811
+def test_graphs_equal_eager_fp32_and_hf(references, family, backend):  # noqa: F811
     ckpt, cases = references(family)
     replays = _Replays()
-    graphs = _outputs(ckpt, cases, "float32", enforce_eager=False, prepare=replays)
-    eager = _outputs(ckpt, cases, "float32", enforce_eager=True)
+    graphs = _outputs(ckpt, cases, "float32", backend, enforce_eager=False, prepare=replays)
+    eager = _outputs(ckpt, cases, "float32", backend, enforce_eager=True)
     assert replays.calls > 0
     assert graphs == eager
     for i in range(16):

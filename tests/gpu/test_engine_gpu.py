@@ -30,9 +30,12 @@ def _reference(family, ckpt, seed, prompt, num_images):
     return run_case(hf, seed, prompt, num_images, MAX_NEW)
 
 
-def _run(ckpt, prompt, ref, dtype: str, **sampling) -> tuple[list[int], list]:
+def _run(ckpt, prompt, ref, dtype: str, backend: str, **sampling) -> tuple[list[int], list]:
     engine = EngineCore(
-        EngineConfig(model_dir=str(ckpt), device="cuda", dtype=dtype, num_kv_blocks=256, max_prefill_chunk_tokens=7)
+        EngineConfig(
+            model_dir=str(ckpt), device="cuda", dtype=dtype, num_kv_blocks=256, max_prefill_chunk_tokens=7,
+            attention_backend=backend,
+        )
     )
     embeddings = [
         type(e)(e.content_id, e.kind, e.features.to(getattr(torch, dtype)), e.media_type, e.num_tiles)
@@ -49,20 +52,25 @@ def _run(ckpt, prompt, ref, dtype: str, **sampling) -> tuple[list[int], list]:
     return tokens, logprobs
 
 
+BACKENDS = ["auto", "batched", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fp32_on_cuda_matches_hf_exactly(tiny_checkpoint, family):
+def test_fp32_on_cuda_matches_hf_exactly(tiny_checkpoint, family, backend):
     ckpt = tiny_checkpoint(family)
     for seed, (prompt, num_images) in enumerate(CASES[family]):
         ref = _reference(family, ckpt, seed, prompt, num_images)
-        assert _run(ckpt, prompt, ref, "float32")[0] == ref.output_token_ids, prompt
+        assert _run(ckpt, prompt, ref, "float32", backend)[0] == ref.output_token_ids, prompt
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_on_cuda_within_tolerance(tiny_checkpoint, family):
+def test_bf16_on_cuda_within_tolerance(tiny_checkpoint, family, backend):
     ckpt = tiny_checkpoint(family)
     for seed, (prompt, num_images) in enumerate(CASES[family]):
         ref = _reference(family, ckpt, seed, prompt, num_images)  # HF, fp32
-        tokens, logprobs = _run(ckpt, prompt, ref, "bfloat16", logprobs=True, top_logprobs=5)
+        tokens, logprobs = _run(ckpt, prompt, ref, "bfloat16", backend, logprobs=True, top_logprobs=5)
         assert tokens[0] == ref.output_token_ids[0], prompt
         _, top = logprobs[0]
         for token_id, logprob in top:

@@ -100,8 +100,8 @@ def test_default_sampling_follows_generation_config(tmp_path):
 def test_attention_and_graph_flags_reach_the_engine_config():
     args = build_parser().parse_args(["--model", "ckpt", "--device", "cpu", "--attention-backend", "reference"])
     engine = config_from_args(args).engine_config()
-    assert engine.attention_backend == "reference" and engine.enforce_eager is True
-    args = build_parser().parse_args(["--model", "ckpt", "--device", "cuda", "--cuda-graphs"])
-    assert config_from_args(args).engine_config().use_cuda_graphs
-    with pytest.raises(InvalidArgumentError, match="CUDA graphs"):
-        config_from_args(build_parser().parse_args(["--model", "ckpt", "--device", "cpu", "--cuda-graphs"]))
+    assert engine.attention_backend == "reference" and not engine.use_cuda_graphs
+    cuda = config_from_args(build_parser().parse_args(["--model", "ckpt", "--device", "cuda"])).engine_config()
+    assert cuda.use_cuda_graphs  # the default on CUDA
+    args = build_parser().parse_args(["--model", "ckpt", "--device", "cuda", "--enforce-eager"])
+    assert not config_from_args(args).engine_config().use_cuda_graphs

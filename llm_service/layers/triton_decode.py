@@ -1,0 +1,169 @@
+"""Paged decode attention as a Triton kernel: each query reads its sequence's K/V blocks in place.
+
+Why: the `batched` path gathers every attended K/V into a padded copy per layer (written once, read
+twice), which at batch 256 costs about three times the HBM traffic of the attention itself. Here a
+program loads keys straight from the paged cache through the block table, so each cached byte is
+read once per layer.
+
+Layout: one program per (sequence, query head, split). Splits cut a sequence's context into
+`num_splits` equal ranges (rounded up to `BLOCK_N` keys), so short batches still fill the GPU;
+`num_splits` depends only on the batch shape (a static grid, so a CUDA graph can capture it) while
+each program derives its range from the sequence's real length on the device. Every split keeps an
+online-softmax partial (running max, sum of exponentials, unnormalised output) in fp32; a second
+kernel merges the partials. With a single split the first kernel writes the normalised output.
+
+Decode rows only (one query per sequence, the query sits at the last context position so no causal
+mask is needed). Prefill chunks keep the SDPA path. Importing this module needs `triton`; under
+`TRITON_INTERPRET=1` the kernels run on CPU tensors (slowly), which is how CI checks them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # keys per inner iteration
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
+    scale,
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ts,
+    stride_os, stride_oh,
+    num_splits,
+    GQA_GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+    BLOCK: tl.constexpr, DIRECT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_head = head // GQA_GROUP
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK) * BLOCK
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qs + head * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
+    q = q * scale  # [D]
+
+    m_i = tl.zeros([], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_P2], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK):
+        pos = n0 + tl.arange(0, BLOCK)  # [N] context positions
+        valid = pos < end
+        block = tl.load(tables_ptr + seq * stride_ts + pos // PAGE, mask=valid, other=0).to(tl.int64)
+        k_row = block * stride_kb + (pos % PAGE).to(tl.int64) * stride_kt + kv_head * stride_kh  # [N]
+        v_row = block * stride_vb + (pos % PAGE).to(tl.int64) * stride_vt + kv_head * stride_vh
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
+        s = tl.sum(k * q[None, :], axis=1)  # [N]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)  # [N]
+        v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+
+    if DIRECT:
+        out = acc / l_i
+        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        part = (seq * tl.num_programs(1) + head) * num_splits + split
+        tl.store(acc_ptr + part * HEAD_DIM_P2 + d, acc)
+        tl.store(max_ptr + part, m_i)
+        tl.store(sum_ptr + part, l_i)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, acc_ptr, max_ptr, sum_ptr,
+    stride_os, stride_oh,
+    num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    first = (seq * tl.num_programs(1) + head) * num_splits
+    s = tl.arange(0, SPLITS_P2)
+    s_ok = s < num_splits
+    m = tl.load(max_ptr + first + s, mask=s_ok, other=float("-inf"))  # [S]; empty splits hold -inf
+    m_all = tl.max(m, axis=0)  # finite: split 0 always holds the first key
+    w = tl.where(s_ok, tl.exp(m - m_all), 0.0)  # [S]
+    total = tl.sum(w * tl.load(sum_ptr + first + s, mask=s_ok, other=0.0), axis=0)
+    d = tl.arange(0, HEAD_DIM_P2)
+    acc = tl.load(acc_ptr + (first + s)[:, None] * HEAD_DIM_P2 + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / total  # [D]
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.cache
+def _num_sms(device_index: int | None) -> int:
+    if not torch.cuda.is_available():
+        return 132  # interpreter runs (CPU): the split count only changes the work partition
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def num_splits_for(num_seqs: int, num_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence: enough programs to give every SM about two, never a split under `BLOCK_N`
+    keys of the widest context, at most `MAX_SPLITS`. Depends on shapes only (graph-capturable)."""
+    want = -(-2 * _num_sms(device.index) // (num_seqs * num_heads))
+    return max(1, min(want, MAX_SPLITS, -(-max_context // BLOCK_N)))
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [B, Hq, D], one query per sequence at its last context position
+    k_cache: torch.Tensor,  # [num_blocks, page, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, page, Hkv, D]
+    block_tables: torch.Tensor,  # [B, nb] int; nb * page >= every context length
+    seq_lens: torch.Tensor,  # [B] int: context length including this step's token (>= 1)
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each sequence's single new query over its whole cached context. Returns [B, Hq, D]."""
+    num_seqs, num_heads, head_dim = query.shape
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    assert num_heads % num_kv_heads == 0 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert query.stride(2) == 1 and block_tables.stride(1) == 1
+    out = torch.empty_like(query)
+    splits = num_splits_for(num_seqs, num_heads, block_tables.shape[1] * page, query.device)
+    head_dim_p2 = triton.next_power_of_2(head_dim)
+    if splits > 1:
+        acc = torch.empty(num_seqs, num_heads, splits, head_dim_p2, dtype=torch.float32, device=query.device)
+        row_max = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
+        row_sum = torch.empty_like(row_max)
+    else:
+        acc = row_max = row_sum = out  # unused: the kernel writes `out` directly
+    _decode_partial_kernel[(num_seqs, num_heads, splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, acc, row_max, row_sum,
+        scale,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        splits,
+        GQA_GROUP=num_heads // num_kv_heads, PAGE=page, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
+        BLOCK=BLOCK_N, DIRECT=splits == 1,
+        num_warps=4,
+    )
+    if splits > 1:
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            out, acc, row_max, row_sum,
+            out.stride(0), out.stride(1),
+            splits,
+            HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2, SPLITS_P2=triton.next_power_of_2(splits),
+            num_warps=1,
+        )
+    return out

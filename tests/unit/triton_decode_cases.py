@@ -1,0 +1,94 @@
+"""Cases for the Triton paged decode kernel against the per-sequence reference, shared by the CPU
+interpreter test (tests/unit/test_triton_decode.py, in a subprocess with TRITON_INTERPRET=1) and the
+GPU test (tests/gpu/test_triton_decode_gpu.py).
+
+Run directly: `TRITON_INTERPRET=1 python -m tests.unit.triton_decode_cases` (exits non-zero on a mismatch).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from llm_service.layers.attention import AttentionMetadata, paged_attention, paged_attention_reference
+from llm_service.layers.triton_decode import num_splits_for, paged_decode_attention
+from tests.unit.test_paged_attention import _layout
+
+# (num_heads, num_kv_heads, head_dim, decode_share): MHA, GQA, MQA, a head dim that is not a power of two
+LAYOUTS = [(4, 4, 8, 1.0), (8, 2, 16, 1.0), (4, 1, 8, 0.5), (6, 3, 24, 0.5)]
+
+
+def _relative_error(out: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((out.double() - truth).abs().max() / truth.abs().max())
+
+
+def _check_layouts(device: torch.device, dtype: torch.dtype, tolerance: float, seeds: range) -> list[str]:
+    """Random paged layouts (shared prefix blocks, out-of-order ids, stale cache values) through
+    `paged_attention` with the triton backend, decode rows mixed with prefill chunks."""
+    failures = []
+    for seed in seeds:
+        for num_heads, num_kv_heads, head_dim, decode_share in LAYOUTS:
+            rng = random.Random(seed)
+            torch.manual_seed(seed)
+            block_size = rng.choice([4, 16])
+            num_seqs = rng.randint(1, 6)
+            num_blocks = 6 * num_seqs + 8
+            query_lens, seq_lens, tables = _layout(rng, num_seqs, block_size, num_blocks, decode_share=decode_share)
+            k_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * 3).to(device, dtype)
+            v_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * 3).to(device, dtype)
+            query = torch.randn(sum(query_lens), num_heads, head_dim).to(device, dtype)
+            metas = {
+                backend: AttentionMetadata.build(
+                    query_lens=query_lens, seq_lens=seq_lens, block_tables=tables, block_size=block_size,
+                    device=device, backend=backend,
+                )[0]
+                for backend in ("reference", "triton")
+            }
+            out = paged_attention(query, k_cache, v_cache, metas["triton"], 0.3)
+            truth = paged_attention_reference(
+                query.double(), k_cache.double(), v_cache.double(), metas["reference"], 0.3
+            )
+            err = _relative_error(out, truth)
+            if not err <= tolerance:
+                failures.append(f"seed {seed} heads {num_heads}/{num_kv_heads} d{head_dim}: rel err {err:.2e}")
+    return failures
+
+
+def _check_splits(device: torch.device, dtype: torch.dtype, tolerance: float) -> list[str]:
+    """The split-KV merge: one long context (many splits), a 1-token context, a table wider than needed
+    (the width a CUDA graph captures) and contexts of very different lengths in one batch."""
+    failures = []
+    torch.manual_seed(0)
+    page, num_blocks, num_heads, num_kv_heads, head_dim = 16, 160, 4, 2, 32
+    k_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim).to(device, dtype)
+    v_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim).to(device, dtype)
+    for seq_lens in ([1], [1100], [1, 37, 700, 64], [2000]):
+        width = max(-(-n // page) for n in seq_lens) + 5  # wider than the longest context needs
+        tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in seq_lens]).to(device)
+        lens = torch.tensor(seq_lens, device=device)
+        query = torch.randn(len(seq_lens), num_heads, head_dim).to(device, dtype)
+        splits = num_splits_for(len(seq_lens), num_heads, width * page, query.device)
+        out = paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.2)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(0), block_tables=tables, query_start_loc=list(range(len(seq_lens) + 1)),
+            seq_lens=seq_lens, block_size=page,
+        )
+        truth = paged_attention_reference(query.double(), k_cache.double(), v_cache.double(), meta, 0.2)
+        err = _relative_error(out, truth)
+        if not err <= tolerance:
+            failures.append(f"seq_lens {seq_lens} ({splits} splits): rel err {err:.2e}")
+    return failures
+
+
+def run_all(device: str = "cpu", dtype: torch.dtype = torch.float32, seeds: range = range(3)) -> list[str]:
+    tolerance = 2e-6 if dtype == torch.float32 else 2e-2
+    dev = torch.device(device)
+    return _check_layouts(dev, dtype, tolerance, seeds) + _check_splits(dev, dtype, tolerance)
+
+
+if __name__ == "__main__":
+    problems = run_all()
+    print("\n".join(problems) or "all triton decode cases match the reference")
+    sys.exit(1 if problems else 0)
