@@ -1,4 +1,5 @@
-"""Llama decoder (LLaVA, VILA, mllama's text side) over a paged KV cache. Names follow HF's.
+"""Llama decoder (LLaVA, VILA, mllama's text side) over a paged KV cache. Names follow HF's, except
+that q/k/v and gate/up are fused (`qkv_proj`, `gate_up_proj`); the loader fills them from HF's tensors.
 
 Also the base for Qwen2, which differs only by biases on the q/k/v projections.
 """
@@ -10,6 +11,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from llm_service.layers.attention import AttentionMetadata, paged_attention, write_kv
+from llm_service.layers.linear import MergedLinear
 from llm_service.layers.norm import RMSNorm
 from llm_service.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -20,13 +22,15 @@ class LlamaMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        hidden, inter = config.hidden_size, config.intermediate_size
+        # HF's gate_proj and up_proj, one GEMM: [2 * I, H], gate rows first
+        self.gate_up_proj = MergedLinear(hidden, {"gate_proj": inter, "up_proj": inter}, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.forward_split(x)  # [T, H] -> 2 x [T, I]
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class LlamaAttention(nn.Module):
@@ -39,18 +43,26 @@ class LlamaAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # HF's q_proj, k_proj and v_proj, one GEMM: [(Hq + 2 * Hkv) * D, H], rows in that order
+        self.qkv_proj = MergedLinear(hidden, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, hidden, bias=o_bias)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [T, H] -> q: [T, Hq, D], k, v: [T, Hkv, D] (strided views of the fused output)
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.forward_split(x)
+        return (
+            q.view(num_tokens, self.num_heads, self.head_dim),
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+        )
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]  # x: [T, H]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
         q, k = apply_rotary(q, k, *cos_sin)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)

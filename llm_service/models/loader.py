@@ -3,6 +3,9 @@
 Works on the real layouts: composite HF checkpoints (`language_model.*` keys, e.g. llava-1.5-7b-hf,
 blip2-opt, llava-onevision, Llama-3.2-Vision), VILA's `llm/` sub-directory, and plain text-only
 checkpoints. Only the decoder's tensors are read; vision weights are never loaded here.
+
+Checkpoints keep HF's names; our fused projections (`MergedLinear`: q/k/v, gate/up) are filled piece by
+piece, each HF tensor copied into its rows of the fused parameter (`_weight_targets`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
+from llm_service.layers.linear import MergedLinear
 from llm_service.models.llama import LlamaForCausalLM
 from llm_service.models.mllama import MllamaForCausalLM
 from llm_service.models.opt import OPTForCausalLM
@@ -115,6 +119,37 @@ def iter_decoder_weights(decoder_dir: Path) -> Iterator[tuple[str, torch.Tensor]
                     yield name, handle.get_tensor(key)
 
 
+# HF tensor name -> (our parameter, the rows of it that tensor fills; None: the whole parameter)
+WeightTargets = dict[str, tuple[nn.Parameter, slice | None]]
+
+
+def _weight_targets(model: nn.Module, *, remove_duplicate: bool) -> WeightTargets:
+    """Where each HF-named tensor goes. Every parameter is its own target, except those of a
+    `MergedLinear`, which stand for one row slice per HF part: `<parent>.k_proj.weight` -> the k rows of
+    `<parent>.qkv_proj.weight` (biases alike)."""
+    targets: WeightTargets = {
+        name: (param, None) for name, param in model.named_parameters(remove_duplicate=remove_duplicate)
+    }
+    for module_name, module in model.named_modules():
+        if not isinstance(module, MergedLinear):
+            continue
+        parent = module_name.rpartition(".")[0]
+        for param_name, param in module.named_parameters(recurse=False):  # weight, bias
+            del targets[f"{module_name}.{param_name}"]
+            for part, rows in module.part_slices().items():
+                targets[".".join(filter(None, (parent, part, param_name)))] = (param, rows)
+    return targets
+
+
+def fused_weight_views(model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF name -> view of the rows of our fused parameter holding that tensor (fused pieces only).
+
+    For sharing the other way round: `hf.load_state_dict(fused_weight_views(ours), strict=False,
+    assign=True)` points a Hugging Face model's q/k/v and gate/up at our fused tensors (no copies)."""
+    targets = _weight_targets(model, remove_duplicate=True)
+    return {name: param.detach()[rows] for name, (param, rows) in targets.items() if rows is not None}
+
+
 def _decoder_class(text_config) -> type[nn.Module]:
     cls = _DECODER_BY_TEXT_MODEL_TYPE.get(text_config.model_type)
     if cls is None:
@@ -136,7 +171,9 @@ def build_decoder_from_config(
     Parameters are created on `device` in `dtype`, randomly initialised, unless `weights` (HF names,
     e.g. a Hugging Face model's `state_dict()`, already on `device` in `dtype`) is given: then the
     model's parameters become those very tensors (shared, not copied), so a baseline can run on the
-    same weights without a second copy in memory.
+    same weights without a second copy in memory. The exception is the fused projections (q/k/v,
+    gate/up): the HF pieces are copied into their fused tensors; to hold those once as well, point the
+    HF model at ours afterwards with `fused_weight_views`.
     """
     cls = _decoder_class(text_config)
     previous = torch.get_default_dtype()
@@ -147,18 +184,22 @@ def build_decoder_from_config(
     finally:
         torch.set_default_dtype(previous)
     if weights is not None:
-        params = dict(model.named_parameters())  # tied parameters once
-        missing = sorted(set(params) - set(weights))
+        targets = _weight_targets(model, remove_duplicate=True)  # tied parameters once
+        missing = sorted(set(targets) - set(weights))
         if missing:
             raise ValueError(f"weights lack {missing[:8]}")
-        for name, param in params.items():
+        for name, (param, rows) in targets.items():
             tensor = weights[name]
-            if tensor.shape != param.shape or tensor.dtype != dtype or tensor.device != param.device:
+            dest = param.data if rows is None else param.data[rows]
+            if tensor.shape != dest.shape or tensor.dtype != dtype or tensor.device != param.device:
                 raise ValueError(
                     f"{name}: got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, "
-                    f"expected {tuple(param.shape)} {dtype} on {param.device}"
+                    f"expected {tuple(dest.shape)} {dtype} on {param.device}"
                 )
-            param.data = tensor
+            if rows is None:
+                param.data = tensor  # shared
+            else:
+                dest.copy_(tensor)  # a piece of a fused parameter: copied
     return model.eval()
 
 
@@ -170,19 +211,20 @@ def build_decoder(info: CheckpointInfo, *, dtype: torch.dtype, device: torch.dev
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.to(dtype)  # buffers (rotary frequencies) stay fp32, as in HF
-    params = dict(model.named_parameters(remove_duplicate=False))
+    targets = _weight_targets(model, remove_duplicate=False)
     loaded: set[str] = set()
     for name, tensor in iter_decoder_weights(info.decoder_dir):
-        param = params.get(name)
-        if param is None:
+        if name not in targets:
             raise ValueError(f"{info.decoder_dir}: unexpected decoder weight {name!r} for {cls.__name__}")
-        if param.shape != tensor.shape:
-            raise ValueError(f"{info.decoder_dir}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor.to(dtype))
+        param, rows = targets[name]
+        dest = param.data if rows is None else param.data[rows]  # a fused parameter: this tensor's rows
+        if dest.shape != tensor.shape:
+            raise ValueError(f"{info.decoder_dir}: {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor.to(dtype))
         loaded.add(name)
     tied = {"lm_head.weight"} if model.lm_head.weight is _input_embedding_weight(model) else set()
-    missing = set(params) - loaded - tied
+    # a fused parameter is complete only when all its pieces were loaded: report each missing piece
+    missing = set(targets) - loaded - tied
     if missing:
         raise ValueError(f"{info.decoder_dir}: decoder weights missing from the checkpoint: {sorted(missing)[:8]}")
     logger.info("loaded %s decoder (%d tensors) from %s", cls.__name__, len(loaded), info.decoder_dir)

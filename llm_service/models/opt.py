@@ -1,4 +1,5 @@
-"""OPT decoder (BLIP2-OPT's LM) over a paged KV cache. Names follow HF's."""
+"""OPT decoder (BLIP2-OPT's LM) over a paged KV cache. Names follow HF's, except that q/k/v are fused
+(`qkv_proj`); the loader fills it from HF's tensors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from llm_service.layers.attention import AttentionMetadata, paged_attention, write_kv
+from llm_service.layers.linear import MergedLinear
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -22,16 +24,19 @@ class OPTAttention(nn.Module):
         self.num_kv_heads = self.num_heads
         self.head_dim = hidden // self.num_heads
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
+        # HF's q_proj, k_proj and v_proj (with their biases), one GEMM: [3 * H, H], rows in that order
+        self.qkv_proj = MergedLinear(hidden, {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden}, bias=bias)
         self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [T, H] -> q, k, v: [T, heads, D] (strided views of the fused output)
+        shape = (x.shape[0], self.num_heads, self.head_dim)
+        q, k, v = self.qkv_proj.forward_split(x)
+        return q.view(shape), k.view(shape), v.view(shape)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]  # x: [T, H]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.out_proj(out.reshape(num_tokens, -1))

@@ -1,0 +1,36 @@
+"""Fused projections: one GEMM in place of several HF Linear layers that read the same input."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MergedLinear(nn.Linear):
+    """Several same-input HF projections stacked along the output dim (e.g. q/k/v, or gate/up).
+
+    One launch instead of several, and a wider GEMM, which matters at small batch. `parts` maps the
+    HF sub-module names this layer stands for to their output sizes, in stacking order. Checkpoints
+    keep the HF names: the loader fills rows `part_slices()[name]` of `weight` (and `bias`) from the
+    HF tensor `<parent>.<name>.weight` (`.bias`), so no unfused copy is ever held.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = dict(parts)
+        self.part_sizes = list(parts.values())
+
+    def part_slices(self) -> dict[str, slice]:
+        """HF sub-module name -> its rows of `weight` / `bias`."""
+        slices, start = {}, 0
+        for name, size in self.parts.items():
+            slices[name] = slice(start, start + size)
+            start += size
+        return slices
+
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # x: [T, in] -> one [T, size] view per part (column blocks of the fused output; no copies)
+        return self(x).split(self.part_sizes, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, parts={self.parts}"
