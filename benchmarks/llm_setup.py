@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput
 from llm_service.engine.sampling_params import SamplingParams
-from llm_service.models.loader import build_decoder_from_config
+from llm_service.models.loader import build_decoder_from_config, fused_weight_views
 
 VICUNA_7B = dict(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -45,14 +45,30 @@ def llama_config(tiny: bool) -> LlamaConfig:
     return LlamaConfig(**(TINY if tiny else VICUNA_7B), attn_implementation="sdpa", eos_token_id=None)
 
 
+# Ids below this are the synthetic tokenizer's special tokens; random prompts use only ids above.
+FIRST_WORD_ID = 4
+
+
 def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `vocab_size` made-up words, so the engine's detokenizer runs on
-    every generated id as in production (the cost per token is one small `decode`)."""
+    every generated id as in production (the cost per token is one small `decode`).
+
+    Ids 0-3 are <unk> <s> </s> <image> (the engine's text prompts need an image placeholder token, as
+    LLaVA's tokenizer has); id i >= FIRST_WORD_ID is the word `w<i>`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 3}
+    vocab = {**specials, **{f"w{i}": i for i in range(FIRST_WORD_ID, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def word_prompt(token_ids: Sequence[int]) -> str:
+    """The text `synthetic_tokenizer` encodes (without special tokens) to exactly `token_ids` (all
+    >= FIRST_WORD_ID, as `random_prompts` makes them): how a token-id prompt travels through a
+    text-only API such as the gRPC service."""
+    return " ".join(f"w{i}" for i in token_ids)
 
 
 @dataclass
@@ -79,6 +95,8 @@ def build_models(*, tiny: bool, device: str, dtype: torch.dtype, seed: int = 0) 
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     ours = build_decoder_from_config(config, dtype=dtype, device=device, weights=hf.state_dict())
+    # ours copied q/k/v and gate/up into fused tensors: point HF at views of those, so 7B is held once
+    hf.load_state_dict(fused_weight_views(ours), strict=False, assign=True)
     return Models(config, hf, ours, synthetic_tokenizer(config.vocab_size), torch.device(device), dtype)
 
 
@@ -105,9 +123,9 @@ def release(engine: EngineCore | None) -> None:
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """Distinct random prompts (ids >= 3, past bos/eos/unk), so no prefix cache hits across requests."""
+    """Distinct random prompts (word ids only, no special tokens), so no prefix cache hits across requests."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab_size) for _ in range(length)] for _ in range(num)]
+    return [[rng.randrange(FIRST_WORD_ID, vocab_size) for _ in range(length)] for _ in range(num)]
 
 
 def sync(device: torch.device) -> None:

@@ -82,6 +82,23 @@ def _encoder(results: Path):
     raise Missing("encoder_llava15.json has no batch-64 figure")
 
 
+def _grpc_overhead(results: Path):
+    try:
+        data = _load(results, "grpc_overhead.json")
+    except Missing as exc:
+        raise Missing(f"{exc}; it is written by bench_grpc_overhead.py") from None
+    headline = data.get("headline", {})
+    value = headline.get("grpc_overhead_pct_c64")
+    if value is None:
+        raise Missing("grpc_overhead.json has no headline.grpc_overhead_pct_c64")
+    if headline.get("concurrency") != 64:
+        raise Missing(f"grpc_overhead.json was measured at concurrency {headline.get('concurrency')}, not 64")
+    detail = (f"grpc_overhead.json: headline.grpc_overhead_pct_c64 ({headline.get('shape', '')}): "
+              f"{headline['grpc_stream_tok_s']:.1f} output tok/s through GenerateStream vs "
+              f"{headline['in_process_tok_s']:.1f} in-process")
+    return value, detail, data.get("device", "?")
+
+
 EXTRACTORS: dict[str, Callable[[Path], tuple[float, str, str]]] = {
     "decode_bs1_ms_per_token": _headline("decode_bs1.json", "decode_bs1_ms_per_token", "bench_decode.py"),
     "hbm_floor_ms_per_token": _headline("decode_bs1.json", "hbm_floor_ms_per_token", "bench_decode.py"),
@@ -90,9 +107,7 @@ EXTRACTORS: dict[str, Callable[[Path], tuple[float, str, str]]] = {
     "image_ttft_ms_c1": _headline("scenario3_multimodal.json", "image_ttft_ms_c1", "bench_multimodal.py"),
     "image_ttft_repeat_ms_c1": _headline("scenario5_repeat.json", "image_ttft_repeat_ms_c1", "bench_multimodal.py"),
     "encoder_images_per_s_bs64": _encoder,
-    "grpc_overhead_pct_c64": _headline(  # bench_multimodal.py times the services only, not the engine in-process
-        "grpc_overhead.json", "grpc_overhead_pct_c64", "a gRPC-vs-in-process benchmark, not written yet"
-    ),
+    "grpc_overhead_pct_c64": _grpc_overhead,
 }
 
 

@@ -81,3 +81,28 @@ def test_multimodal_benchmark_smoke(scripts, tmp_path):
     assert summary["image_ttft_ms_c1"] == s3["headline"]["image_ttft_ms_c1"]
     assert summary["image_ttft_repeat_ms_c1"] == s5["headline"]["image_ttft_repeat_ms_c1"]
     assert summary["grpc_overhead_pct_c64"] is None and "reason" in summary["sources"]["grpc_overhead_pct_c64"]
+
+
+def test_grpc_overhead_benchmark_smoke(scripts, tmp_path):
+    """One engine in-process and behind the real gRPC servicer (clients in a spawned process), A B A B."""
+    out = tmp_path / "results"
+    assert scripts("bench_grpc_overhead").main([
+        "--tiny", "--device", "cpu", "--out", str(out), "--concurrency", "4", "--input", "8", "--output", "4",
+        "--requests-per-concurrency", "2", "--rounds", "2",
+    ]) == 0
+    path = out / "grpc_overhead.json"
+    data = json.loads(path.read_text())
+    assert [r["variant"] for r in data["runs"]] == ["in_process", "grpc_stream"] * 2
+    assert all(r["output_tokens"] == 8 * 4 and r["output_tok_s"] > 0 for r in data["runs"])
+    headline = data["headline"]
+    assert isinstance(headline["grpc_overhead_pct_c64"], float) and headline["concurrency"] == 4
+    assert headline["grpc_overhead_pct_c64"] == pytest.approx(
+        100 * (1 - headline["grpc_stream_tok_s"] / headline["in_process_tok_s"])
+    )
+    assert (out / "grpc_overhead.png").is_file() or importlib.util.find_spec("matplotlib") is None
+
+    summary = scripts("summary")
+    assert "concurrency 4" in summary.summarize(out)["sources"]["grpc_overhead_pct_c64"]["reason"]
+    headline["concurrency"] = 64  # the summary takes the figure only from a concurrency-64 run
+    path.write_text(json.dumps(data))
+    assert summary.summarize(out)["grpc_overhead_pct_c64"] == headline["grpc_overhead_pct_c64"]
