@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from llm_service.layers.attention import write_kv
+
 
 def _default_inv_freq(config) -> tuple[torch.Tensor, float]:
     base = config.rope_parameters["rope_theta"]
@@ -41,6 +43,29 @@ class RotaryEmbedding(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """Rotary embedding of q and k, then k and v into their cache slots; returns the rotated q.
+
+    q: [T, Hq, D], k/v: [T, Hkv, D] (may be strided views of one fused projection), cos/sin: [T, D].
+    On CUDA with a power-of-two head dim this is one Triton kernel (q is rotated in place)."""
+    head_dim = q.shape[-1]
+    if q.is_cuda and head_dim & (head_dim - 1) == 0:
+        from llm_service.layers import triton_ops
+
+        return triton_ops.rotary_and_cache(q, k, v, cos, sin, kv_cache[0], kv_cache[1], slots)
+    q, k = apply_rotary(q, k, cos, sin)
+    write_kv(k, v, kv_cache[0], kv_cache[1], slots)
+    return q
 
 
 def apply_rotary(

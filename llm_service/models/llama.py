@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from llm_service.layers.attention import AttentionMetadata, paged_attention, write_kv
+from llm_service.layers.attention import AttentionMetadata, paged_attention
 from llm_service.layers.linear import MergedLinear
 from llm_service.layers.norm import RMSNorm
-from llm_service.layers.rotary import RotaryEmbedding, apply_rotary
+from llm_service.layers.rotary import RotaryEmbedding, rotary_and_write_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, num_kv_heads, head_dim]
 
@@ -27,8 +27,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(hidden, {"gate_proj": inter, "up_proj": inter}, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.is_silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.is_silu and x.dim() == 2:  # one fused kernel for SiLU(gate) * up
+            from llm_service.layers import triton_ops
+
+            return self.down_proj(triton_ops.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj.forward_split(x)  # [T, H] -> 2 x [T, I]
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -63,8 +68,7 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]  # x: [T, H]
         q, k, v = self.project_qkv(x)
-        q, k = apply_rotary(q, k, *cos_sin)
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        q = rotary_and_write_kv(q, k, v, *cos_sin, kv_cache, meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -78,8 +82,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos_sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn_out = self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        h, x = self.post_attention_layernorm.add_and_norm(attn_out, x)  # x += attn_out; h = norm(x)
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

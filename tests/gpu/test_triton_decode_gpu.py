@@ -1,5 +1,6 @@
-"""The Triton paged decode kernel compiled on a GPU: the interpreter cases of
-tests/unit/triton_decode_cases.py in fp32 (to float64 rounding) and bf16 (bf16 tolerance)."""
+"""The Triton kernels compiled on a GPU: the interpreter cases of tests/unit/triton_decode_cases.py
+(paged decode attention) and tests/unit/triton_ops_cases.py (fused norm / rotary / SiLU) in fp32 and
+bf16."""
 
 from __future__ import annotations
 
@@ -17,3 +18,10 @@ def test_kernel_matches_reference_on_gpu(dtype):
     from tests.unit.triton_decode_cases import run_all
 
     assert run_all("cuda", dtype, seeds=range(6)) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_ops_match_eager_on_gpu(dtype):
+    from tests.unit.triton_ops_cases import run_all
+
+    assert run_all("cuda", dtype) == []

@@ -1,7 +1,8 @@
-"""The Triton paged decode kernel on CPU, through Triton's interpreter (TRITON_INTERPRET=1 must be set
-before the kernels are defined, hence the subprocess): random paged layouts, GQA/MQA, a head dim that
-is not a power of two, and the split-KV merge, against the float64 reference. The same cases run
-compiled on a GPU in tests/gpu/test_triton_decode_gpu.py."""
+"""The Triton kernels on CPU, through Triton's interpreter (TRITON_INTERPRET=1 must be set before the
+kernels are defined, hence the subprocesses). Paged decode attention: random paged layouts, GQA/MQA, a
+head dim that is not a power of two, and the split-KV merge, against the float64 reference. Fused
+elementwise ops (add + RMSNorm, rotary + KV write, SiLU * up): against the eager ops they replace.
+The same cases run compiled on a GPU in tests/gpu/test_triton_decode_gpu.py."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ from llm_service.layers.attention import resolve_attention_backend
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_kernel_matches_reference_under_interpreter():
+@pytest.mark.parametrize("cases", ["triton_decode_cases", "triton_ops_cases"])
+def test_kernels_match_reference_under_interpreter(cases):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit.triton_decode_cases"], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-m", f"tests.unit.{cases}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -1,0 +1,154 @@
+"""Where a decode step's time goes: whole `engine.step()` vs the CUDA-graph replay alone (GPU time),
+the host-side Python that is left (cProfile), and the kernels of one eager step (torch.profiler).
+
+For each batch size, `B` requests with `--context`-token random prompts are brought into decode, then:
+
+* `step_ms`: median wall time of `engine.step()` (schedule + inputs + graph replay + sampling + update);
+* `replay_ms`: median time of replaying the same step's CUDA graph alone (device-synchronized);
+* `host_ms` = step - replay: the CPU work the GPU waits for (steps are not overlapped);
+* `profile_b<B>_host.txt`: cProfile of the graph steps, top functions by cumulative time;
+* `profile_b<B>_kernels.txt`: torch.profiler of one eager decode step, kernels by GPU time, and the
+  number of kernel launches per step.
+
+    python benchmarks/profile_decode_step.py --out /tmp/prof                  # GPU, LLaVA-1.5-7B shapes
+    python benchmarks/profile_decode_step.py --tiny --out /tmp/prof --batches 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from llm_setup import build_engine, build_models, environment, random_prompts, release, sync
+
+from llm_service.engine.engine_core import GenerationInput
+from llm_service.engine.sampling_params import SamplingParams
+
+
+def _into_decode(engine, batch: int, context: int, vocab: int) -> list[str]:
+    params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
+    ids = []
+    for i, prompt in enumerate(random_prompts(batch, context, vocab, seed=batch)):
+        rid = f"prof-{batch}-{i}"
+        engine.add_request(GenerationInput(rid, prompt_token_ids=prompt, sampling=params))
+        ids.append(rid)
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step() if o.new_token_ids)
+    return ids
+
+
+def _timed_steps(engine, steps: int, device) -> list[float]:
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def _replay_ms(engine, batch: int, device, iters: int) -> float | None:
+    graphs = engine.runner.decode_graphs
+    if graphs is None or not graphs.capture:
+        return None
+    seq_lens = [r.num_tokens for r in engine.scheduler.requests.values()]
+    key = graphs.bucket_for(batch, max(seq_lens))
+    if key is None:
+        return None
+    graph = graphs.graphs[key]
+    graph.replay()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        graph.replay()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _host_profile(engine, steps: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(35)
+    return text.getvalue()
+
+
+def _kernel_profile(engine, device) -> tuple[str, int]:
+    graphs, engine.runner.decode_graphs = engine.runner.decode_graphs, None  # one eager step
+    try:
+        engine.step()  # warm-up of the eager path
+        sync(device)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            engine.step()
+            sync(device)
+    finally:
+        engine.runner.decode_graphs = graphs
+    events = prof.key_averages()
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return events.table(sort_by=sort_key, row_limit=40, max_name_column_width=70), kernels
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", default="1,64,256")
+    parser.add_argument("--context", type=int, default=192, help="prompt tokens of every request")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--attention-backend", default="auto")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.out.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    models = build_models(tiny=args.tiny, device=args.device, dtype=dtype)
+    engine = build_engine(
+        models, max_num_seqs=max(batches), max_num_batched_tokens=8192, attention_backend=args.attention_backend,
+        max_model_len=2048,
+    )
+    results = {**environment(device), "dtype": str(dtype).removeprefix("torch."), "context": args.context, "attention_backend": engine.config.attention_backend,
+               "cuda_graphs": engine.config.use_cuda_graphs, "points": []}
+    try:
+        for batch in batches:
+            ids = _into_decode(engine, batch, args.context, models.config.vocab_size)
+            _timed_steps(engine, 3, device)  # warm-up
+            steps = _timed_steps(engine, args.steps, device)
+            replay = _replay_ms(engine, batch, device, args.steps)
+            host = _host_profile(engine, args.steps)
+            kernels_text, kernels = _kernel_profile(engine, device)
+            (args.out / f"profile_b{batch}_host.txt").write_text(host)
+            (args.out / f"profile_b{batch}_kernels.txt").write_text(f"kernels per eager step: {kernels}\n{kernels_text}")
+            step_ms = statistics.median(steps)
+            point = {"batch": batch, "step_ms": step_ms, "replay_ms": replay,
+                     "host_ms": None if replay is None else step_ms - replay,
+                     "tok_s": 1e3 * batch / step_ms, "kernels_per_eager_step": kernels}
+            results["points"].append(point)
+            print(json.dumps(point), flush=True)
+            for rid in ids:
+                engine.abort(rid)
+    finally:
+        release(engine)
+    (args.out / "profile_decode_step.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

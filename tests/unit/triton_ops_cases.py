@@ -1,0 +1,96 @@
+"""Cases for the fused Triton elementwise kernels (llm_service/layers/triton_ops.py) against the eager
+PyTorch ops they replace; shared by the CPU interpreter test (tests/unit/test_triton_ops.py, in a
+subprocess with TRITON_INTERPRET=1) and the GPU test (tests/gpu/test_triton_decode_gpu.py).
+
+Run directly: `TRITON_INTERPRET=1 python -m tests.unit.triton_ops_cases` (exits non-zero on a mismatch).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from llm_service.layers.attention import write_kv
+from llm_service.layers.norm import RMSNorm
+from llm_service.layers.rotary import apply_rotary
+from llm_service.layers.triton_ops import add_rms_norm, rotary_and_cache, silu_and_mul
+
+
+def _max_ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference in units of the reference's dtype resolution at its magnitude."""
+    eps = torch.finfo(ref.dtype).eps
+    scale = ref.float().abs().clamp(min=1e-3)
+    return float(((out.float() - ref.float()).abs() / (scale * eps)).max())
+
+
+def _check_norm(device, dtype, max_ulps: float) -> list[str]:
+    failures = []
+    for rows, hidden, with_residual in ((1, 64, False), (5, 96, True), (3, 4096, True)):
+        torch.manual_seed(rows)
+        norm = RMSNorm(hidden, 1e-5).to(device, dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(hidden) + 0.5)
+        x = torch.randn(rows * 2, hidden, device=device, dtype=dtype)[::2]  # strided rows
+        residual = torch.randn(rows, hidden, device=device, dtype=dtype) if with_residual else None
+        out, res = add_rms_norm(x, residual, norm.weight, 1e-5)
+        ref_res = x + residual if with_residual else x
+        ref = norm(ref_res)
+        if not torch.equal(res, ref_res):
+            failures.append(f"add_rms_norm {rows}x{hidden}: residual sum differs")
+        if (err := _max_ulps(out, ref)) > max_ulps:
+            failures.append(f"add_rms_norm {rows}x{hidden}: {err:.1f} ulps")
+    return failures
+
+
+def _check_rotary(device, dtype, max_ulps: float) -> list[str]:
+    failures = []
+    for tokens, heads, kv_heads, head_dim in ((1, 4, 4, 8), (6, 8, 2, 16), (3, 32, 32, 128)):
+        torch.manual_seed(tokens)
+        width = (heads + 2 * kv_heads) * head_dim
+        qkv = torch.randn(tokens, width, device=device, dtype=dtype)  # the fused projection's output
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
+        angles = torch.rand(tokens, head_dim // 2, device=device) * 6
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        num_blocks, page = 5, 4
+        caches = [torch.zeros(num_blocks, page, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(4)]
+        slots = torch.randperm(num_blocks * page, device=device)[:tokens]
+        ref_q, ref_k = apply_rotary(q, k, cos, sin)
+        write_kv(ref_k, v, caches[0], caches[1], slots)
+        out_q = rotary_and_cache(q.clone(), k, v, cos, sin, caches[2], caches[3], slots)
+        name = f"rotary T{tokens} H{heads}/{kv_heads} D{head_dim}"
+        if (err := _max_ulps(out_q, ref_q)) > max_ulps:
+            failures.append(f"{name}: q {err:.1f} ulps")
+        if (err := _max_ulps(caches[2], caches[0])) > max_ulps:
+            failures.append(f"{name}: k cache {err:.1f} ulps")
+        if not torch.equal(caches[3], caches[1]):
+            failures.append(f"{name}: v cache differs")
+    return failures
+
+
+def _check_silu(device, dtype, max_ulps: float) -> list[str]:
+    failures = []
+    for rows, width in ((1, 8), (4, 1500), (2, 11008)):
+        torch.manual_seed(width)
+        gate_up = torch.randn(rows, 2 * width, device=device, dtype=dtype) * 4
+        gate, up = gate_up.split(width, dim=-1)
+        if (err := _max_ulps(silu_and_mul(gate_up), F.silu(gate) * up)) > max_ulps:
+            failures.append(f"silu_and_mul {rows}x{width}: {err:.1f} ulps")
+    return failures
+
+
+def run_all(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    # fp32: only the reduction order and exp may differ (a few ulps); bf16: one rounding step at most
+    max_ulps = 64.0 if dtype == torch.float32 else 1.0
+    dev = torch.device(device)
+    with torch.no_grad():
+        return _check_norm(dev, dtype, max_ulps) + _check_rotary(dev, dtype, max_ulps) + _check_silu(dev, dtype, max_ulps)
+
+
+if __name__ == "__main__":
+    problems = run_all()
+    print("\n".join(problems) or "all fused-op cases match the eager ops")
+    sys.exit(1 if problems else 0)
