@@ -61,6 +61,7 @@ class IncrementalDetokenizer:
         # `prompt_token_ids` is kept for the engine's convenience and debugging only; see the module
         # docstring for why it is not used as decode context.
         self._tokenizer = tokenizer
+        self._backend_decode = _backend_decode(tokenizer)
         self.prompt_token_ids = prompt_token_ids
         self._skip_special_tokens = skip_special_tokens
         self._stop = tuple(stop)
@@ -155,4 +156,17 @@ class IncrementalDetokenizer:
         return longest
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(token_ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+
+
+def _backend_decode(tokenizer):
+    """The `tokenizers` backend's `decode` where it gives exactly what the transformers wrapper does
+    (a fast tokenizer without `clean_up_tokenization_spaces`): the wrapper's argument handling costs
+    ~6x the decode itself, twice per generated token of every request (measured on an H100 host at
+    256 concurrent requests)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) is not False:
+        return None
+    return backend.decode

@@ -271,3 +271,16 @@ def test_byte_fallback_with_valid_utf8(byte_fallback):
         deltas, tail, _, _ = _stream(byte_fallback, ids, chunks=_random_chunks(rng, len(ids)))
         assert not any("\ufffd" in d for d in deltas), text
         assert "".join(deltas) + tail == byte_fallback.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_backend_fast_path_only_where_it_equals_the_wrapper(byte_level, metaspace, clean_up):
+    for tok in (byte_level, metaspace):
+        before, tok.clean_up_tokenization_spaces = tok.clean_up_tokenization_spaces, clean_up
+        try:
+            detok = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+            assert (detok._backend_decode is not None) == (not clean_up)
+            ids = tok.encode(_MULTIBYTE_TEXT + " Hello , world !", add_special_tokens=False)
+            assert detok._decode(ids) == tok.decode(ids, skip_special_tokens=True)
+        finally:
+            tok.clean_up_tokenization_spaces = before
