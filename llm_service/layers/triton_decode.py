@@ -5,8 +5,8 @@ twice), which at batch 256 costs about three times the HBM traffic of the attent
 program loads keys straight from the paged cache through the block table, so each cached byte is
 read once per layer.
 
-Layout: one program per (sequence, query head, split). Splits cut a sequence's context into
-`num_splits` equal ranges (rounded up to `BLOCK_N` keys), so short batches still fill the GPU;
+Layout: one program per (sequence, group of `heads_per_program` query heads, split). Splits cut a sequence's context into
+`num_splits` equal ranges (rounded up to `block_n` keys), so short batches still fill the GPU;
 `num_splits` depends only on the batch shape (a static grid, so a CUDA graph can capture it) while
 each program derives its range from the sequence's real length on the device. Every split keeps an
 online-softmax partial (running max, sum of exponentials, unnormalised output) in fp32; a second
@@ -20,13 +20,28 @@ mask is needed). Prefill chunks keep the SDPA path. Importing this module needs 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # keys per inner iteration
 MAX_SPLITS = 16
+
+
+@dataclass(frozen=True)
+class DecodeKernelConfig:
+    """Launch shape of the decode kernel. `heads_per_program` query heads share one program (their K/V
+    rows are adjacent in the cache, so loads get wider); `block_n` keys per loop iteration;
+    `num_stages` > 1 software-pipelines the loop's loads."""
+
+    block_n: int = 64
+    heads_per_program: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+DEFAULT_CONFIG = DecodeKernelConfig()
 
 
 @triton.jit
@@ -38,14 +53,14 @@ def _decode_partial_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ts,
     stride_os, stride_oh,
-    num_splits,
+    num_heads, num_splits,
     GQA_GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
-    BLOCK: tl.constexpr, DIRECT: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, DIRECT: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)  # [P] query heads of this program
     split = tl.program_id(2)
-    kv_head = head // GQA_GROUP
+    kv_heads = heads // GQA_GROUP  # [P]
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK) * BLOCK
     start = split * per_split
@@ -53,36 +68,40 @@ def _decode_partial_kernel(
 
     d = tl.arange(0, HEAD_DIM_P2)
     d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qs + head * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
-    q = q * scale  # [D]
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=d_ok[None, :], other=0.0)
+    q = q.to(tl.float32) * scale  # [P, D]
 
-    m_i = tl.zeros([], dtype=tl.float32) - float("inf")
-    l_i = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM_P2], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK):
+    m_i = tl.zeros([HEADS], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([HEADS], dtype=tl.float32)
+    acc = tl.zeros([HEADS, HEAD_DIM_P2], dtype=tl.float32)
+    for n0 in tl.range(start, end, BLOCK, num_stages=NUM_STAGES):
         pos = n0 + tl.arange(0, BLOCK)  # [N] context positions
         valid = pos < end
         block = tl.load(tables_ptr + seq * stride_ts + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        k_row = block * stride_kb + (pos % PAGE).to(tl.int64) * stride_kt + kv_head * stride_kh  # [N]
-        v_row = block * stride_vb + (pos % PAGE).to(tl.int64) * stride_vt + kv_head * stride_vh
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
-        s = tl.sum(k * q[None, :], axis=1)  # [N]
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        offset = (pos % PAGE).to(tl.int64)
+        kv_mask = valid[:, None, None] & d_ok[None, None, :]
+        k_at = block * stride_kb + offset * stride_kt  # [N]
+        k_ptrs = k_ptr + k_at[:, None, None] + (kv_heads * stride_kh)[None, :, None] + d[None, None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, P, D]
+        s = tl.sum(k * q[None, :, :], axis=2)  # [N, P]
+        s = tl.where(valid[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # [P]
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)  # [N]
-        v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # [N, D]
+        p = tl.exp(s - m_new[None, :])  # [N, P]
+        v_at = block * stride_vb + offset * stride_vt
+        v_ptrs = v_ptr + v_at[:, None, None] + (kv_heads * stride_vh)[None, :, None] + d[None, None, :]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, P, D]
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=0)  # [P, D]
         m_i = m_new
 
     if DIRECT:
-        out = acc / l_i
-        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        out = acc / l_i[:, None]
+        out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_ok[None, :])
     else:
-        part = (seq * tl.num_programs(1) + head) * num_splits + split
-        tl.store(acc_ptr + part * HEAD_DIM_P2 + d, acc)
+        part = (seq * num_heads + heads) * num_splits + split  # [P]
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM_P2 + d[None, :], acc)
         tl.store(max_ptr + part, m_i)
         tl.store(sum_ptr + part, l_i)
 
@@ -116,11 +135,14 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
 
 
-def num_splits_for(num_seqs: int, num_heads: int, max_context: int, device: torch.device) -> int:
-    """Splits per sequence: enough programs to give every SM about two, never a split under `BLOCK_N`
+def num_splits_for(
+    num_seqs: int, num_heads: int, max_context: int, device: torch.device, config: DecodeKernelConfig = DEFAULT_CONFIG
+) -> int:
+    """Splits per sequence: enough programs to give every SM about two, never a split under `block_n`
     keys of the widest context, at most `MAX_SPLITS`. Depends on shapes only (graph-capturable)."""
-    want = -(-2 * _num_sms(device.index) // (num_seqs * num_heads))
-    return max(1, min(want, MAX_SPLITS, -(-max_context // BLOCK_N)))
+    programs = num_seqs * (num_heads // config.heads_per_program)
+    want = -(-2 * _num_sms(device.index) // programs)
+    return max(1, min(want, MAX_SPLITS, -(-max_context // config.block_n)))
 
 
 def paged_decode_attention(
@@ -130,14 +152,17 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, nb] int; nb * page >= every context length
     seq_lens: torch.Tensor,  # [B] int: context length including this step's token (>= 1)
     scale: float,
+    config: DecodeKernelConfig | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's single new query over its whole cached context. Returns [B, Hq, D]."""
     num_seqs, num_heads, head_dim = query.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert query.stride(2) == 1 and block_tables.stride(1) == 1
+    config = config or DEFAULT_CONFIG
+    heads_per_program = config.heads_per_program if num_heads % config.heads_per_program == 0 else 1
     out = torch.empty_like(query)
-    splits = num_splits_for(num_seqs, num_heads, block_tables.shape[1] * page, query.device)
+    splits = num_splits_for(num_seqs, num_heads, block_tables.shape[1] * page, query.device, config)
     head_dim_p2 = triton.next_power_of_2(head_dim)
     if splits > 1:
         acc = torch.empty(num_seqs, num_heads, splits, head_dim_p2, dtype=torch.float32, device=query.device)
@@ -145,7 +170,7 @@ def paged_decode_attention(
         row_sum = torch.empty_like(row_max)
     else:
         acc = row_max = row_sum = out  # unused: the kernel writes `out` directly
-    _decode_partial_kernel[(num_seqs, num_heads, splits)](
+    _decode_partial_kernel[(num_seqs, num_heads // heads_per_program, splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, acc, row_max, row_sum,
         scale,
         query.stride(0), query.stride(1),
@@ -153,10 +178,10 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        splits,
+        num_heads, splits,
         GQA_GROUP=num_heads // num_kv_heads, PAGE=page, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
-        BLOCK=BLOCK_N, DIRECT=splits == 1,
-        num_warps=4,
+        HEADS=heads_per_program, BLOCK=config.block_n, NUM_STAGES=config.num_stages, DIRECT=splits == 1,
+        num_warps=config.num_warps,
     )
     if splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](

@@ -13,9 +13,16 @@ import sys
 import torch
 
 from llm_service.layers.attention import AttentionMetadata, paged_attention, paged_attention_reference
-from llm_service.layers.triton_decode import num_splits_for, paged_decode_attention
+from llm_service.layers.triton_decode import DecodeKernelConfig, num_splits_for, paged_decode_attention
 from tests.unit.test_paged_attention import _layout
 
+# launch shapes: the default, several heads per program (with GQA groups split across or inside a
+# program), small key blocks with a pipelined loop
+CONFIGS = [
+    DecodeKernelConfig(),
+    DecodeKernelConfig(block_n=32, heads_per_program=2, num_stages=2),
+    DecodeKernelConfig(block_n=16, heads_per_program=4, num_warps=8),
+]
 # (num_heads, num_kv_heads, head_dim, decode_share): MHA, GQA, MQA, a head dim that is not a power of two
 LAYOUTS = [(4, 4, 8, 1.0), (8, 2, 16, 1.0), (4, 1, 8, 0.5), (6, 3, 24, 0.5)]
 
@@ -64,13 +71,15 @@ def _check_splits(device: torch.device, dtype: torch.dtype, tolerance: float) ->
     page, num_blocks, num_heads, num_kv_heads, head_dim = 16, 160, 4, 2, 32
     k_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim).to(device, dtype)
     v_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim).to(device, dtype)
-    for seq_lens in ([1], [1100], [1, 37, 700, 64], [2000]):
+    for (seq_lens, config) in [
+        (lens, config) for lens in ([1], [1100], [1, 37, 700, 64], [2000]) for config in CONFIGS
+    ]:
         width = max(-(-n // page) for n in seq_lens) + 5  # wider than the longest context needs
         tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in seq_lens]).to(device)
         lens = torch.tensor(seq_lens, device=device)
         query = torch.randn(len(seq_lens), num_heads, head_dim).to(device, dtype)
-        splits = num_splits_for(len(seq_lens), num_heads, width * page, query.device)
-        out = paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.2)
+        splits = num_splits_for(len(seq_lens), num_heads, width * page, query.device, config)
+        out = paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.2, config)
         meta = AttentionMetadata(
             slot_mapping=torch.zeros(0), block_tables=tables, query_start_loc=list(range(len(seq_lens) + 1)),
             seq_lens=seq_lens, block_size=page,
@@ -78,7 +87,7 @@ def _check_splits(device: torch.device, dtype: torch.dtype, tolerance: float) ->
         truth = paged_attention_reference(query.double(), k_cache.double(), v_cache.double(), meta, 0.2)
         err = _relative_error(out, truth)
         if not err <= tolerance:
-            failures.append(f"seq_lens {seq_lens} ({splits} splits): rel err {err:.2e}")
+            failures.append(f"seq_lens {seq_lens} ({splits} splits, {config}): rel err {err:.2e}")
     return failures
 
 
