@@ -3,7 +3,7 @@ LLaVA-1.5-7B's decoder (32 heads, MHA, head dim 128, 16-token pages, bf16).
 
 Every config is checked against the batched SDPA path, then timed as a CUDA graph of 10 calls
 (launch overhead excluded, as in the engine's decode graphs); the effective bandwidth counts each
-attended K/V byte once. Writes `decode_kernel_tuning.json` and prints the best config per layout.
+attended K/V byte once. "default" is the shape `config_for` picks for the layout. Writes `decode_kernel_tuning.json` and prints the best config per layout.
 
     python benchmarks/tune_decode_kernel.py --out benchmarks/results
 """
@@ -19,7 +19,12 @@ from pathlib import Path
 import torch
 
 from llm_service.layers.attention import AttentionMetadata, paged_attention
-from llm_service.layers.triton_decode import DecodeKernelConfig, num_splits_for, paged_decode_attention
+from llm_service.layers.triton_decode import (
+    DecodeKernelConfig,
+    config_for,
+    num_splits_for,
+    paged_decode_attention,
+)
 
 LAYOUTS = {  # name -> (batch, context)
     "b1_ctx1024": (1, 1024),
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"config": config.__dict__, "ms": ms, "gb_s": kv_bytes / ms / 1e6, "max_abs_err": err,
                          "splits": num_splits_for(batch, args.heads, context, device, config)})
         rows.sort(key=lambda r: r["ms"])
-        default = next(r for r in rows if r["config"] == DecodeKernelConfig().__dict__)
+        chosen = config_for(batch, args.heads).__dict__  # what the engine launches for this layout
+        default = next(r for r in rows if r["config"] == chosen)
         results["layouts"][name] = {"batch": batch, "context": context, "kv_bytes": kv_bytes,
                                     "default": default, "best": rows[0], "all": rows}
         print(f"{name:<14} default {default['ms'] * 1e3:8.1f} us ({default['gb_s']:6.0f} GB/s)   best "

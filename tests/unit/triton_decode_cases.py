@@ -13,13 +13,19 @@ import sys
 import torch
 
 from llm_service.layers.attention import AttentionMetadata, paged_attention, paged_attention_reference
-from llm_service.layers.triton_decode import DecodeKernelConfig, num_splits_for, paged_decode_attention
+from llm_service.layers.triton_decode import (
+    DecodeKernelConfig,
+    config_for,
+    num_splits_for,
+    paged_decode_attention,
+)
 from tests.unit.test_paged_attention import _layout
 
 # launch shapes: the default, several heads per program (with GQA groups split across or inside a
 # program), small key blocks with a pipelined loop
 CONFIGS = [
     DecodeKernelConfig(),
+    config_for(256, 32),
     DecodeKernelConfig(block_n=32, heads_per_program=2, num_stages=2),
     DecodeKernelConfig(block_n=16, heads_per_program=4, num_warps=8),
 ]
