@@ -15,7 +15,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from encoder_service.config import COMPUTE_DTYPES, OUTPUT_DTYPES, EncoderConfig, MediaLimits, UrlPolicy
+from encoder_service.config import (
+    COMPILE_MODES,
+    COMPUTE_DTYPES,
+    OUTPUT_DTYPES,
+    SDPA_BACKENDS,
+    EncoderConfig,
+    MediaLimits,
+    UrlPolicy,
+)
 from vlm_protocol.errors import VlmError
 from vlm_protocol.sizes import parse_bytes
 
@@ -41,6 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
     model.add_argument(
         "--output-dtype", choices=OUTPUT_DTYPES, help="default dtype of returned features (default: --dtype)"
+    )
+    model.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, torch.compile the vision tower + projector, one static graph per batch bucket, "
+        "all compiled before health reports SERVING (LLaVA, VILA, OneVision; CPU and --engine-dir run "
+        "as they are; default: on)",
+    )
+    model.add_argument(
+        "--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode (default)"
+    )
+    model.add_argument(
+        "--compile-buckets",
+        type=_bucket_list,
+        metavar="N[,N...]",
+        help="batch sizes compiled; smaller batches are padded to the next, larger ones run in chunks "
+        "(default: powers of two below --max-batch-size, and --max-batch-size)",
+    )
+    model.add_argument(
+        "--sdpa-backend",
+        default="auto",
+        choices=SDPA_BACKENDS,
+        help="attention kernels of the vision tower on CUDA (default: auto, PyTorch's choice)",
     )
 
     server = parser.add_argument_group("server")
@@ -103,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bucket_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive batch sizes, e.g. 1,2,4,8")
+    return values
+
+
 def _apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     """Flag defaults from ``VLM_ENCODER_*`` variables (type conversion as for command-line values)."""
     defaults: dict[str, object] = {}
@@ -138,6 +180,10 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
         dtype=args.dtype,
         output_dtype=args.output_dtype,
         max_batch_size=args.max_batch_size,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_buckets=args.compile_buckets,
+        sdpa_backend=args.sdpa_backend,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
         cache_bytes=args.cache_bytes,

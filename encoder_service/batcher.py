@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,13 @@ class MicroBatcher(Generic[T, R]):
             with contextlib.suppress(ValueError):
                 self._queue.remove(pending)
             raise
+
+    async def run_in_model_thread(self, fn: Callable[[], V]) -> V:
+        """Run ``fn()`` in the thread that runs the batches, between batches (e.g. an engine warm-up:
+        CUDA graphs and compiled code are best built in the thread that replays them)."""
+        if self._is_closed:
+            raise UnavailableError(f"{self._name} is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def _loop(self) -> None:
         assert self._wakeup is not None

@@ -17,6 +17,10 @@ MiB = 1024 * 1024
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+# torch.compile modes and SDPA kernel families (engines/compiled.py; kept here so that parsing the
+# configuration needs no torch)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -129,6 +133,16 @@ class EncoderConfig:
       dtype: compute dtype of the vision model.
       output_dtype: default dtype of returned features; None means the compute dtype.
       max_batch_size: most items in one model run.
+      compile: on CUDA, run the vision tower + projector through torch.compile with one static graph
+        per batch bucket, all compiled during warm-up (engines/compiled.py); LLaVA, VILA and
+        OneVision only, not with engine_dir. CPU always runs eager.
+      compile_mode: torch.compile mode (default, max-autotune-no-cudagraphs, max-autotune,
+        reduce-overhead).
+      compile_buckets: batch sizes compiled (tower rows: images, or OneVision crops/frames); smaller
+        batches are padded up to the next one, larger ones run in chunks of the largest. None: powers
+        of two below max_batch_size, and max_batch_size.
+      sdpa_backend: on CUDA, the attention kernel family of the vision tower: auto (PyTorch's
+        choice), flash, efficient, cudnn or math.
       max_queue_delay_ms: how long the first queued item waits for companions before a batch runs.
       max_queue_size: items waiting for the model beyond which Encode answers RESOURCE_EXHAUSTED.
       cache_bytes: byte budget of the embedding cache (0 disables it).
@@ -147,6 +161,10 @@ class EncoderConfig:
     dtype: str = "float32"
     output_dtype: str | None = None
     max_batch_size: int = 8
+    compile: bool = True
+    compile_mode: str = "default"
+    compile_buckets: tuple[int, ...] | None = None
+    sdpa_backend: str = "auto"
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
     cache_bytes: int = 1024 * MiB
@@ -175,6 +193,21 @@ class EncoderConfig:
                 f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}"
             )
         _check_positive("max_batch_size", self.max_batch_size)
+        if self.compile_mode not in COMPILE_MODES:
+            raise InvalidArgumentError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise InvalidArgumentError(
+                f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}"
+            )
+        if self.compile_buckets is not None:
+            buckets = tuple(sorted(set(int(b) for b in self.compile_buckets)))
+            if not buckets or buckets[0] < 1:
+                raise InvalidArgumentError(
+                    f"compile_buckets must be positive batch sizes, got {list(self.compile_buckets)}"
+                )
+            object.__setattr__(self, "compile_buckets", buckets)
         if self.max_queue_delay_ms < 0:
             raise InvalidArgumentError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
         _check_positive("max_queue_size", self.max_queue_size)
@@ -186,12 +219,30 @@ class EncoderConfig:
         _check_positive("num_fetch_workers", self.num_fetch_workers)
 
     @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        """The compiled batch sizes: `compile_buckets`, else powers of two below max_batch_size and it."""
+        if self.compile_buckets is not None:
+            return self.compile_buckets
+        return default_batch_buckets(self.max_batch_size)
+
+    @property
     def default_output_dtype(self) -> str:
         return self.output_dtype or self.dtype
 
     @property
     def display_model_id(self) -> str:
         return self.model_id or self.model_dir.resolve().name
+
+
+def default_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below `max_batch_size`, and `max_batch_size` itself: 8 -> (1, 2, 4, 8), 6 -> (1, 2, 4, 6)."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    buckets, size = [], 1
+    while size < max_batch_size:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_batch_size)
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -167,8 +167,10 @@ class EncoderPipeline:
         self.batcher.start()
 
     async def warm_up(self) -> None:
-        """Run one dummy image through preprocessing and the model (not cached), then mark ready."""
+        """Prepare the engine in the model thread (compile every batch bucket of a compiled engine),
+        run one dummy image through preprocessing and the model (not cached), then mark ready."""
         started = time.perf_counter()
+        await self.batcher.run_in_model_thread(self.engine.warm_up)
         side = max(int(self.engine.image_size), 1)
         image = Image.new("RGB", (side, side), (127, 127, 127))
         prepared = await self._in_pool(self._workers, self.engine.preprocess, MediaInput(images=[image]))

@@ -1,14 +1,16 @@
 """Server assembly, separate from ``main`` so tests start real servers in-process.
 
 Lifecycle: ``build_server(config, engine)`` (bound, not started) -> ``start()`` (listening, health
-NOT_SERVING, Encode answers UNAVAILABLE) -> warm-up (one dummy encode) -> ``set_serving`` -> ...
--> ``drain()`` (NOT_SERVING, in-flight RPCs finish) -> ``close()`` (batcher and pools stopped).
+NOT_SERVING, Encode answers UNAVAILABLE) -> warm-up (on CUDA every batch bucket compiled, then one
+dummy encode) -> ``set_serving`` -> ... -> ``drain()`` (NOT_SERVING, in-flight RPCs finish) ->
+``close()`` (batcher and pools stopped).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +23,9 @@ from vlm_protocol import media_ids
 from vlm_protocol.checkpoint_identity import model_fingerprint, processor_config_hash
 from vlm_protocol.grpc_server import RunningServer, ServiceRegistration
 from vlm_protocol.grpc_server import build_server as build_grpc_server
+
+if TYPE_CHECKING:
+    from encoder_service.engines.compiled import CompileSettings
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,18 @@ def load_engine(config: EncoderConfig) -> VisualEngine:
         dtype=_TORCH_DTYPES[config.dtype],
         engine_dir=config.engine_dir,
     )
+    how = "eager" if config.engine_dir is None else f"exported engine {config.engine_dir}"
+    settings = fast_path_settings(config)
+    if settings is not None and engine.enable_fast_path(settings):
+        how = (
+            f"torch.compile mode={settings.mode}, batch buckets {list(settings.buckets)}"
+            if settings.compile
+            else "eager"
+        )
+        if settings.sdpa_backend != "auto":
+            how += f", SDPA {settings.sdpa_backend}"
+    elif settings is not None:
+        logger.info("the %s compute has no compiled path here; it runs as loaded", engine.family)
     logger.info(
         "loaded %s visual engine (%s, hidden %d) from %s on %s/%s (%s)",
         engine.family,
@@ -103,9 +120,27 @@ def load_engine(config: EncoderConfig) -> VisualEngine:
         config.model_dir,
         config.device,
         config.dtype,
-        "eager" if config.engine_dir is None else f"exported engine {config.engine_dir}",
+        how,
     )
     return engine
+
+
+def fast_path_settings(config: EncoderConfig) -> CompileSettings | None:
+    """The `CompileSettings` for this config's engine, or None when it runs as loaded: on a CPU (CI,
+    where compiling costs more than it saves), with an exported engine (already a compiled artifact),
+    or with --no-compile and the default SDPA backend."""
+    from encoder_service.engines.compiled import CompileSettings
+
+    if config.engine_dir is not None or torch.device(config.device).type != "cuda":
+        return None
+    if not config.compile and config.sdpa_backend == "auto":
+        return None
+    return CompileSettings(
+        compile=config.compile,
+        mode=config.compile_mode,
+        buckets=config.batch_buckets if config.compile else (),
+        sdpa_backend=config.sdpa_backend,
+    )
 
 
 def _add_servicer(servicer: EncoderService, server) -> None:

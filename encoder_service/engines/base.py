@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import PIL.Image
@@ -28,6 +28,9 @@ from torch import nn
 
 from encoder_service.engines import inputs
 from vlm_protocol.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from encoder_service.engines.compiled import CompileSettings
 
 PROMPT_TABLE = "prompt_table"
 CROSS_ATTENTION = "cross_attention"
@@ -203,6 +206,7 @@ class VisualEngine(abc.ABC):
         exposes its weights); nothing for weightless test fakes. Adapters add weights kept outside it.
         """
         compute = getattr(self, "compute", None)
+        compute = getattr(compute, "wrapped_module", compute)  # a BucketedCompute reports its module's
         return dict(compute.named_children()) if compute is not None else {}
 
     def named_parameters(self):
@@ -222,20 +226,102 @@ class VisualEngine(abc.ABC):
         return bool(batch)
 
     def _tower_batch(self, batch: Sequence[PreparedInput]) -> torch.Tensor:
-        """Concatenate the batch's pixel values on the engine device and dtype."""
-        pixel_values = torch.cat([p.pixel_values for p in batch]) if len(batch) > 1 else batch[0].pixel_values
-        return pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        """Concatenate the batch's pixel values on the engine device and dtype.
+
+        CUDA: the rows are written, converted to the engine dtype on the host, into one pinned buffer
+        that is uploaded asynchronously: half the bytes of float32 for bf16/fp16 engines, no pageable
+        staging, and no float32 concatenation first. (The conversion rounds as the GPU would.)
+        """
+        tensors = [p.pixel_values for p in batch]
+        if self.device.type != "cuda":
+            pixel_values = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+            return pixel_values.to(device=self.device, dtype=self.dtype)
+        rows = sum(t.shape[0] for t in tensors)
+        staging = torch.empty((rows, *tensors[0].shape[1:]), dtype=self.dtype, pin_memory=True)
+        start = 0
+        for tensor in tensors:
+            staging[start : start + tensor.shape[0]].copy_(tensor)
+            start += tensor.shape[0]
+        # the pinned-memory cache keeps `staging` from reuse until the copy has run
+        return staging.to(self.device, non_blocking=True)
+
+    # -- the CUDA fast path -----------------------------------------------------------------------
+
+    def enable_fast_path(self, settings: CompileSettings) -> bool:
+        """Run `compute` through `engines.compiled.BucketedCompute` with `settings` (a CompileSettings).
+
+        Only for an eager compute that supports it (the LLaVA-style tower + projector: rows
+        independent, no graph breaks); an export, BLIP-2 and mllama stay as they are. True if applied.
+        """
+        from encoder_service.engines.compiled import BucketedCompute
+
+        compute = getattr(self, "compute", None)
+        if compute is None or isinstance(compute, BucketedCompute):
+            return False
+        if not getattr(compute, "supports_compile", False):
+            return False
+        self.compute = BucketedCompute(compute, settings)
+        return True
+
+    def warm_up(self) -> None:
+        """Compile / prepare whatever the compute needs before serving (every batch bucket of a
+        BucketedCompute); nothing for eager modules. Call from the thread that will run `encode`."""
+        warm_up = getattr(getattr(self, "compute", None), "warm_up", None)
+        if warm_up is not None:
+            with torch.no_grad():
+                warm_up(self.compute_inputs(), self.device)
 
 
-def to_host(features: torch.Tensor) -> torch.Tensor:
-    """Copy a GPU result to host memory through a pinned buffer: a pageable copy of a large batch
-    (64 LLaVA images = 300 MB of bf16) runs several times slower and dominated `encode()` on H100."""
+HOST_COPY_CHUNKS = 4  # device-to-host copies in flight while earlier rows are copied out
+
+
+def rows_to_host(features: torch.Tensor) -> list[torch.Tensor]:
+    """`features` [N, ...] -> N CPU tensors `[...]`, each in its own storage: a cache entry must not
+    pin the whole batch, nor hold page-locked memory.
+
+    CUDA: the batch goes to a pinned staging buffer in a few chunks (a pageable copy of a large batch,
+    64 LLaVA images = 300 MB of bf16, ran several times slower and dominated `encode()` on H100); the
+    rows of each chunk are copied out to their own pageable tensors while later chunks are still in
+    flight. One transfer and one host copy per row in all; the staging buffer goes back to PyTorch's
+    pinned-memory cache and serves the next batch. CPU: one copy per row (none for a lone row that
+    already owns its storage).
+    """
+    count = features.shape[0]
+    if count == 0:
+        return []
     if features.device.type != "cuda":
-        return features
-    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-    host.copy_(features, non_blocking=True)
-    torch.cuda.current_stream(features.device).synchronize()
-    return host
+        if count == 1 and _owns_storage(features):
+            return [features[0]]
+        return [_host_copy(row) for row in features]
+    staging = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+    stream = torch.cuda.current_stream(features.device)
+    step = -(-count // HOST_COPY_CHUNKS)
+    in_flight = []
+    for start in range(0, count, step):
+        end = min(count, start + step)
+        staging[start:end].copy_(features[start:end], non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        in_flight.append((start, end, copied))
+    rows: list[torch.Tensor] = []
+    for start, end, copied in in_flight:
+        copied.synchronize()
+        rows.extend(_host_copy(staging[i]) for i in range(start, end))
+    return rows
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A pageable, contiguous copy (`clone` of a pinned tensor is not guaranteed to be pageable)."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype)
+    out.copy_(tensor)
+    return out
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.is_contiguous()
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
 
 
 class SquareImageEngine(VisualEngine):
@@ -264,21 +350,23 @@ class SquareImageEngine(VisualEngine):
 
 
 def fixed_row_outputs(features: torch.Tensor, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
-    """Split [num_images, rows, hidden] of a one-row-per-image tower batch into per-image outputs."""
-    outputs, row = [], 0
+    """[num_images, rows, hidden] of a one-row-per-image tower batch (any device) -> per-image
+    outputs on the CPU, each in its own storage (`rows_to_host`)."""
+    rows = rows_to_host(features)
+    outputs = []
     for input_index, prepared in enumerate(batch):
         for item_index in range(prepared.num_items):
+            image = rows[len(outputs)]
             outputs.append(
                 EncodedOutput(
-                    features=features[row].clone(),  # own storage: a cache entry must not pin the batch
+                    features=image,
                     media="image",
                     input_index=input_index,
                     item_index=item_index,
-                    num_rows=features.shape[1],
+                    num_rows=image.shape[0],
                     image_size=prepared.image_sizes[item_index],
                 )
             )
-            row += 1
     return outputs
 
 

@@ -17,7 +17,6 @@ from encoder_service.engines.base import (
     SquareImageEngine,
     fixed_row_outputs,
     frozen_parameters,
-    to_host,
 )
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights, load_tensor
 from encoder_service.hf_processors import load_processor
@@ -72,7 +71,7 @@ class Blip2Engine(SquareImageEngine):
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
         if not self._check_batch(batch):
             return []
-        features = to_host(self.compute(self._tower_batch(batch)))  # [N, Q, llm_hidden]
+        features = self.compute(self._tower_batch(batch))  # [N, Q, llm_hidden]
         return fixed_row_outputs(features, batch)
 
 

@@ -17,7 +17,6 @@ from encoder_service.engines.base import (
     PreparedInput,
     SquareImageEngine,
     fixed_row_outputs,
-    to_host,
 )
 from encoder_service.engines.towers import LayerSelectingTower, TowerProjector
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
@@ -76,5 +75,5 @@ class LlavaEngine(SquareImageEngine):
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
         if not self._check_batch(batch):
             return []
-        features = to_host(self.compute(self._tower_batch(batch)))  # [N, rows, llm_hidden]
+        features = self.compute(self._tower_batch(batch))  # [N, rows, llm_hidden]
         return fixed_row_outputs(features, batch)

@@ -38,7 +38,7 @@ from encoder_service.engines.base import (
     PreparedInput,
     VisualEngine,
     frozen_parameters,
-    to_host,
+    rows_to_host,
 )
 from encoder_service.engines.towers import LayerSelectingTower, TowerProjector
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights, load_tensor
@@ -207,7 +207,7 @@ class LlavaOnevisionEngine(VisualEngine):
                     rows = torch.cat([crops[0], newline[None]])
                 outputs.append(
                     EncodedOutput(
-                        features=to_host(rows),
+                        features=rows_to_host(rows[None])[0],
                         media=prepared.media,
                         input_index=input_index,
                         item_index=item_index,

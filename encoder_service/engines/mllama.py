@@ -24,7 +24,7 @@ from encoder_service.engines.base import (
     MediaInput,
     PreparedInput,
     VisualEngine,
-    to_host,
+    rows_to_host,
 )
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
 from encoder_service.hf_processors import load_processor
@@ -152,16 +152,16 @@ class MllamaEngine(VisualEngine):
         ids = torch.tensor([i for p in batch for i in p.aspect_ratio_ids], device=self.device)
         masks = torch.tensor([m for p in batch for m in p.aspect_ratio_masks], device=self.device)
         # each image is its own sample: [N, 1 image, ...]
-        features = to_host(
+        features = rows_to_host(
             self.compute(pixel_values[:, None], ids[:, None], masks[:, None])
-        )  # [N, 1, max_tiles, num_patches, llm_hidden]
+        )  # N x [1, max_tiles, num_patches, llm_hidden] on the CPU
         outputs, row = [], 0
         for input_index, prepared in enumerate(batch):
             for item_index in range(prepared.num_items):
                 mask = prepared.aspect_ratio_masks[item_index]
                 outputs.append(
                     EncodedOutput(
-                        features=features[row].clone(),
+                        features=features[row],
                         media="image",
                         input_index=input_index,
                         item_index=item_index,

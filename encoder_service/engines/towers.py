@@ -4,16 +4,95 @@ LLaVA-style models read `hidden_states[k]` of the vision tower (k = -2 for LLaVA
 OneVision). HF gets it with `output_hidden_states=True`, which keeps every layer's activations alive
 until the call returns: for a OneVision batch of a few hundred 384 px crops that is tens of GB. Here
 the layers after the deepest selected one are dropped at load time (they never influence the
-result) and the selected outputs are caught with forward hooks, so only what is used is kept.
+result), and the tower is walked layer by layer (embeddings, CLIP's pre-layernorm, the kept encoder
+layers), keeping only the selected outputs. The walk also skips what HF's forward adds after the last
+layer and nobody here reads: CLIP's post-layernorm of the CLS row, SigLIP's post-layernorm of every
+row and its attention-pooling head. It has no hooks, locks or Python state, so `torch.compile`
+captures the whole compute as one graph.
+
+The walk is used for the CLIP and SigLIP vision models of transformers 5 (the towers every family
+here loads); any other tower runs HF's forward with forward hooks on the selected layers.
+
+`fuse_qkv` (default on) replaces each layer's three q/k/v projections by one `[3 * hidden, hidden]`
+linear and calls `scaled_dot_product_attention` itself: one GEMM instead of three per layer, the
+same weights and the same math (HF's CLIP/SigLIP attention is SDPA without a mask in eval mode).
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+# Vision models whose forward is embeddings -> [pre_layrnorm] -> encoder.layers -> post-processing
+# nobody here reads; `LayerSelectingTower` walks them directly.
+WALKABLE_TOWERS = frozenset(
+    {"CLIPVisionModel", "CLIPVisionTransformer", "SiglipVisionModel", "SiglipVisionTransformer"}
+)
+
+
+class FusedSelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention with one fused q/k/v projection.
+
+    Built from a CLIP/SigLIP attention module (`from_attention`); called like it, by the HF encoder
+    layer: `(hidden_states, attention_mask=None, **kwargs) -> (output, None)`.
+    """
+
+    def __init__(self, qkv: nn.Linear, out_proj: nn.Linear, *, num_heads: int, scale: float) -> None:
+        super().__init__()
+        self.qkv = qkv
+        self.out_proj = out_proj
+        self.num_heads = num_heads
+        self.head_dim = out_proj.in_features // num_heads
+        self.scale = scale
+
+    @classmethod
+    def from_attention(cls, attention: nn.Module) -> FusedSelfAttention:
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        qkv = nn.Linear(
+            q.in_features,
+            3 * q.out_features,
+            bias=q.bias is not None,
+            device=q.weight.device,
+            dtype=q.weight.dtype,
+        )
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            if q.bias is not None:
+                qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        qkv.requires_grad_(attention.q_proj.weight.requires_grad)
+        return cls(qkv, attention.out_proj, num_heads=attention.num_heads, scale=attention.scale)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, None]:
+        batch, tokens, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, tokens, head_dim]
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scale)
+        attended = attended.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        return self.out_proj(attended), None
+
+
+def can_fuse_qkv(attention: nn.Module) -> bool:
+    """A CLIP/SigLIP-style attention: separate q/k/v/out linears of one width, no causal mask."""
+    projections = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if not all(isinstance(p, nn.Linear) for p in projections):
+        return False
+    q, k, v, out = projections
+    same_shape = q.weight.shape == k.weight.shape == v.weight.shape and out.in_features == q.out_features
+    same_bias = (q.bias is None) == (k.bias is None) == (v.bias is None)
+    return (
+        same_shape
+        and same_bias
+        and isinstance(getattr(attention, "num_heads", None), int)
+        and isinstance(getattr(attention, "scale", None), float)
+        and not getattr(attention, "is_causal", False)
+    )
 
 
 class LayerSelectingTower(nn.Module):
@@ -22,9 +101,12 @@ class LayerSelectingTower(nn.Module):
     `feature_layers` uses HF's `hidden_states` indexing: 0 is the embedding output (not supported:
     no checkpoint we serve reads it), i >= 1 the output of encoder layer i - 1, negatives count from
     the end. Several layers are concatenated along the channel dim in the given order, as HF does.
+    `fuse_qkv`: fuse each layer's q/k/v projections (see the module docstring).
     """
 
-    def __init__(self, tower: nn.Module, feature_layers: int | Sequence[int]) -> None:
+    def __init__(
+        self, tower: nn.Module, feature_layers: int | Sequence[int], *, fuse_qkv: bool = True
+    ) -> None:
         super().__init__()
         layers = _encoder_layers(tower)
         num_layers = len(layers)
@@ -40,9 +122,39 @@ class LayerSelectingTower(nn.Module):
         self.layer_indices = indices
         # Later layers cannot affect the selected hidden states; dropping them saves their compute.
         _truncate_encoder(tower, self.num_layers_kept)
-        self._lock = threading.Lock()  # hooks write into per-call state; one forward at a time
+        self.walks_layers = _is_walkable(tower)
+        self.fused_qkv = False
+        if fuse_qkv and self.walks_layers:
+            attentions = [layer.self_attn for layer in _encoder_layers(tower)]
+            if all(can_fuse_qkv(attention) for attention in attentions):
+                for layer, attention in zip(_encoder_layers(tower), attentions, strict=True):
+                    layer.self_attn = FusedSelfAttention.from_attention(attention)
+                self.fused_qkv = True
+        self._lock = threading.Lock()  # the hook path writes into per-call state; one forward at a time
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.walks_layers:
+            return self._walk(pixel_values)
+        return self._hooked_forward(pixel_values)
+
+    def _walk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        inner = _inner(self.tower)
+        hidden = inner.embeddings(pixel_values)
+        pre_layernorm = getattr(inner, "pre_layrnorm", None)  # CLIP only (HF's spelling)
+        if pre_layernorm is not None:
+            hidden = pre_layernorm(hidden)
+        wanted = set(self.layer_indices)
+        captured: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(inner.encoder.layers, start=1):
+            hidden = layer(hidden, None)
+            if isinstance(hidden, tuple):  # layers of some transformers versions return (hidden, ...)
+                hidden = hidden[0]
+            if index in wanted:
+                captured[index] = hidden
+        selected = [captured[i] for i in self.layer_indices]  # each [B, tokens, hidden]
+        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+
+    def _hooked_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         layers = _encoder_layers(self.tower)
         captured: dict[int, torch.Tensor] = {}
 
@@ -63,14 +175,35 @@ class LayerSelectingTower(nn.Module):
         return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
 
 
-def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+def _is_walkable(tower: nn.Module) -> bool:
+    """A known CLIP/SigLIP vision model whose layers take `(hidden_states, attention_mask)`."""
+    inner = _inner(tower)
+    if type(inner).__name__ not in WALKABLE_TOWERS or not hasattr(inner, "embeddings"):
+        return False
+    for layer in inner.encoder.layers:
+        parameters = list(inspect.signature(layer.forward).parameters.values())
+        required = [
+            p
+            for p in parameters
+            if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(required) > 2:  # e.g. older CLIP layers that also want a causal mask
+            return False
+    return True
+
+
+def _inner(tower: nn.Module) -> nn.Module:
     # transformers 5.24 flattened CLIP/SigLIP vision models; older ones keep a `vision_model` level.
-    inner = getattr(tower, "vision_model", tower)
-    return inner.encoder.layers
+    return getattr(tower, "vision_model", tower)
+
+
+def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    return _inner(tower).encoder.layers
 
 
 def _truncate_encoder(tower: nn.Module, num_layers: int) -> None:
-    inner = getattr(tower, "vision_model", tower)
+    inner = _inner(tower)
     inner.encoder.layers = nn.ModuleList(list(inner.encoder.layers)[:num_layers])
 
 
@@ -79,6 +212,9 @@ class TowerProjector(nn.Module):
 
     Tower hidden state (a `LayerSelectingTower`), the CLS row dropped when `drop_cls`, then the
     projector. Children are named by role (`vision_tower`, `projector_role`), as `submodules()` reports.
+    Every output row depends on its own input row only, so batches may be padded or split
+    (`engines.compiled.BucketedCompute`), and the forward has no graph breaks when the tower walks
+    its layers (`supports_compile`).
     """
 
     def __init__(
@@ -89,6 +225,10 @@ class TowerProjector(nn.Module):
         self.projector_role = projector_role
         self.vision_tower = tower
         self.add_module(projector_role, projector)
+
+    @property
+    def supports_compile(self) -> bool:
+        return self.vision_tower.walks_layers
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.vision_tower(pixel_values)  # [N, 1 + P, vision_hidden * layers]

@@ -25,7 +25,6 @@ from encoder_service.engines.base import (
     PreparedInput,
     SquareImageEngine,
     fixed_row_outputs,
-    to_host,
 )
 from encoder_service.engines.towers import LayerSelectingTower, TowerProjector
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights
@@ -107,7 +106,7 @@ class VilaEngine(SquareImageEngine):
     def encode(self, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:
         if not self._check_batch(batch):
             return []
-        features = to_host(self.compute(self._tower_batch(batch)))  # [N, ceil(side / 2) ** 2, llm_hidden]
+        features = self.compute(self._tower_batch(batch))  # [N, ceil(side / 2) ** 2, llm_hidden]
         return fixed_row_outputs(features, batch)
 
 

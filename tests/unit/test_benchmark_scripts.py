@@ -106,3 +106,19 @@ def test_grpc_overhead_benchmark_smoke(scripts, tmp_path):
     headline["concurrency"] = 64  # the summary takes the figure only from a concurrency-64 run
     path.write_text(json.dumps(data))
     assert summary.summarize(out)["grpc_overhead_pct_c64"] == headline["grpc_overhead_pct_c64"]
+
+
+def test_encoder_benchmark_smoke(scripts, tmp_path):
+    """The tiny llava on CPU: eager variants against the reference (HF's forward), and encode()."""
+    assert scripts("bench_encoder").main([
+        "--tiny", "--device", "cpu", "--out", str(tmp_path), "--iters", "1", "--batch-sizes", "4,8",
+        "--only", "eager,eager_unfused,eager_sdpa_flash,encode_call_eager", "--time-budget-s", "120",
+    ]) == 0
+    data = json.loads((tmp_path / "encoder_llava15.json").read_text())
+    assert set(data["eager"]) == {"4", "8"} and set(data["encode_call_eager"]) == {"4", "8"}
+    for name in ("eager", "eager_unfused", "eager_sdpa_flash"):
+        record = data["variants"][name]["results"]["4"]
+        assert record["status"] == "ok" and record["cosine"] > 0.99999 and record["max_abs_diff"] < 1e-3, name
+    encode = data["variants"]["encode_call_eager"]["results"]["8"]
+    assert encode["max_abs_diff"] == 0 and encode["per_image_tensors_own_storage"]
+    assert data["engine_fused_qkv"] and data["compiled"] == {}  # no compile on a CPU without --cpu-compile
