@@ -78,6 +78,10 @@ class IncrementalDetokenizer:
         return self._token_ids
 
     @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stop)
+
+    @property
     def is_stopped(self) -> bool:
         return self.stop_string is not None
 

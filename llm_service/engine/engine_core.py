@@ -57,6 +57,9 @@ class EngineConfig:
     # None: decode steps replay CUDA graphs captured per padded batch size on CUDA, eager elsewhere.
     # True: every step runs eagerly. False: graphs, and a ValueError off CUDA.
     enforce_eager: bool | None = None
+    # Produce the text of mid-stream tokens during the next step, while the GPU runs it (see
+    # `EngineCore.step`). None: on for CUDA (where the GPU runs ahead of the host), off elsewhere.
+    async_output: bool | None = None
     # Largest decode batch served by a graph (bigger batches run eagerly); buckets are 1, 2, 4, 8, 16,
     # then multiples of 16 up to this.
     max_graph_batch_size: int = 256
@@ -81,6 +84,10 @@ class EngineConfig:
     @property
     def use_cuda_graphs(self) -> bool:
         return self.enforce_eager is False or (self.enforce_eager is None and self.device_type == "cuda")
+
+    @property
+    def use_async_output(self) -> bool:
+        return self.async_output if self.async_output is not None else self.device_type == "cuda"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -259,6 +266,7 @@ class EngineCore:
             )
         )
         self._tracked: dict[str, _Tracked] = {}
+        self._deferred: list = []  # token updates whose text is produced during the next step
         logger.info(
             "engine ready: family=%s device=%s dtype=%s kv_blocks=%d x %d tokens",
             self.family, self.device, config.torch_dtype, num_blocks, config.block_size,
@@ -397,22 +405,45 @@ class EngineCore:
     # --- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One engine iteration: schedule, run the model, apply the sampled tokens.
+
+        With `async_output` the text of a token that neither starts nor ends its request (and whose
+        request has no stop strings, which need the text to be checked) is produced during the next
+        step, while the GPU runs it: one step later, off the critical path. Token-level stops (EOS,
+        stop ids, lengths) are always applied at once."""
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
-            return []
+            return self._flush_deferred()
         now = time.monotonic()
         for chunk in scheduled.chunks:
             tracked = self._tracked.get(chunk.request_id)
             if tracked is not None and tracked.first_scheduled is None:
                 tracked.first_scheduled = now
-        runner_output = self.runner.execute(scheduled, self.scheduler.requests)
-        outputs = []
+        pending = self.runner.launch(scheduled, self.scheduler.requests)
+        outputs = self._flush_deferred()  # host work that overlaps the GPU's
+        runner_output = pending.wait()
         for update in self.scheduler.update_from_output(scheduled, runner_output):
             tracked = self._tracked.get(update.request_id)
             if tracked is None:
                 continue
-            outputs.append(self._to_output(tracked, update))
+            if self._can_defer(tracked, update):
+                self._deferred.append(update)
+            else:
+                outputs.append(self._to_output(tracked, update))
         return outputs
+
+    def _can_defer(self, tracked: _Tracked, update) -> bool:
+        return (
+            self.config.use_async_output
+            and update.finish_reason is None
+            and not tracked.detokenizer.has_stop_strings
+            and tracked.request.num_output_tokens > 1  # the first token goes out at once (TTFT)
+        )
+
+    def _flush_deferred(self) -> list[RequestOutput]:
+        deferred, self._deferred = self._deferred, []
+        # requests aborted since are gone from _tracked; the rest cannot finish here (no stop strings)
+        return [self._to_output(self._tracked[u.request_id], u) for u in deferred if u.request_id in self._tracked]
 
     def _to_output(self, tracked: _Tracked, update) -> RequestOutput:
         request = tracked.request

@@ -18,7 +18,7 @@ from llm_service.engine.cuda_graphs import DecodeGraphs
 from llm_service.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from llm_service.engine.request import Request
 from llm_service.layers.attention import AttentionMetadata, resolve_attention_backend
-from llm_service.layers.sampler import SamplingBatch, SamplingRow, sample
+from llm_service.layers.sampler import PendingSample, SamplingBatch, SamplingRow, launch_sample, to_device
 from llm_service.models.mllama import CrossAttentionInputs, MllamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,26 @@ def cross_attention_ranges(token_ids: Sequence[int], image_token_id: int) -> lis
             r[1] = last_end
         last_end = r[1]
     return [(start, end) for start, end in ranges]
+
+
+class PendingStep:
+    """A launched step: `wait()` blocks until its tokens are on the host."""
+
+    def __init__(self, sample: PendingSample | None, sampling_chunks: list) -> None:
+        self._sample = sample
+        self._chunks = sampling_chunks
+
+    def wait(self) -> ModelRunnerOutput:
+        if self._sample is None:
+            return ModelRunnerOutput(sampled_token_ids={})
+        result = self._sample.result()
+        sampled = {c.request_id: t for c, t in zip(self._chunks, result.token_ids, strict=True)}
+        logprobs: dict[str, object] = {}
+        if result.logprobs is not None:
+            for j, chunk in enumerate(self._chunks):
+                if chunk.sampling_params.logprobs or chunk.sampling_params.top_logprobs:
+                    logprobs[chunk.request_id] = (result.logprobs[j], result.top_logprobs[j])
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
 
 class ModelRunner:
@@ -186,41 +206,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput, requests: Mapping[str, Request]) -> ModelRunnerOutput:
+        return self.launch(scheduled, requests).wait()
+
+    @torch.inference_mode()
+    def launch(self, scheduled: SchedulerOutput, requests: Mapping[str, Request]) -> PendingStep:
+        """Queue the step's GPU work (forward, logits, sampling) and return without waiting for it;
+        `wait()` on the result gives the sampled tokens. Every host-to-device copy is issued before
+        the forward pass, so nothing here blocks on the GPU."""
         chunks = scheduled.chunks
-        device = self.device
+        sampling_chunks = [(i, c) for i, c in enumerate(chunks) if c.needs_sampling]
+        batch = last_rows = None
+        if sampling_chunks:
+            rows = []
+            for _, chunk in sampling_chunks:
+                request = requests[chunk.request_id]
+                rows.append(
+                    SamplingRow(
+                        params=chunk.sampling_params,
+                        prompt_token_ids=request.prompt_token_ids,
+                        output_token_ids=request.output_token_ids,
+                        eos_token_ids=request.eos_token_ids,
+                    )
+                )
+            batch = SamplingBatch.build(rows, vocab_size=self.vocab_size, device=self.device)
+
         if self._runs_in_graph(chunks):
             hidden = self.decode_graphs.run(
                 [c.token_ids[0] for c in chunks], [c.end_position for c in chunks], [c.block_table for c in chunks]
-            )  # [B, H]
-            query_start_loc = list(range(len(chunks) + 1))
+            )  # [B, H]: one row per chunk, and every decode chunk samples
         else:
-            hidden, query_start_loc = self._forward_eager(chunks)  # [T, H]
-
-        sampling_chunks = [(i, c) for i, c in enumerate(chunks) if c.needs_sampling]
+            query_start_loc = list(itertools.accumulate((c.num_tokens for c in chunks), initial=0))
+            if sampling_chunks:
+                last_rows = to_device(torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling_chunks]), self.device)
+            hidden = self._forward_eager(chunks, query_start_loc)  # [T, H]
         if not sampling_chunks:
-            return ModelRunnerOutput(sampled_token_ids={})
-        last_rows = torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling_chunks], device=device)
-        logits = self.model.compute_logits(hidden[last_rows])[:, : self.vocab_size]  # [B, V]
-        rows = []
-        for _, chunk in sampling_chunks:
-            request = requests[chunk.request_id]
-            rows.append(
-                SamplingRow(
-                    params=chunk.sampling_params,
-                    prompt_token_ids=request.prompt_token_ids,
-                    output_token_ids=request.output_token_ids,
-                    eos_token_ids=request.eos_token_ids,
-                )
-            )
-        batch = SamplingBatch.build(rows, vocab_size=logits.shape[1], device=device)
-        result = sample(logits, batch, generator=self.generator)
-        sampled = {c.request_id: t for (_, c), t in zip(sampling_chunks, result.token_ids, strict=True)}
-        logprobs: dict[str, object] = {}
-        if result.logprobs is not None:
-            for j, (_, chunk) in enumerate(sampling_chunks):
-                if chunk.sampling_params.logprobs or chunk.sampling_params.top_logprobs:
-                    logprobs[chunk.request_id] = (result.logprobs[j], result.top_logprobs[j])
-        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+            return PendingStep(None, [])
+        if last_rows is not None:
+            hidden = hidden[last_rows]
+        logits = self.model.compute_logits(hidden)[:, : self.vocab_size]  # [B, V]
+        return PendingStep(launch_sample(logits, batch, generator=self.generator), [c for _, c in sampling_chunks])
 
     def _runs_in_graph(self, chunks) -> bool:
         graphs = self.decode_graphs
@@ -228,7 +252,7 @@ class ModelRunner:
             return False
         return graphs.bucket_for(len(chunks), max(c.end_position for c in chunks)) is not None
 
-    def _forward_eager(self, chunks) -> tuple[torch.Tensor, list[int]]:
+    def _forward_eager(self, chunks, query_start_loc: list[int]) -> torch.Tensor:
         device = self.device
         token_ids = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
         input_ids = torch.tensor(token_ids, dtype=torch.long).to(device)  # [T]
@@ -246,7 +270,8 @@ class ModelRunner:
             hidden = self.model(embeds, position_ids, self.kv_caches, meta, self._cross_inputs(chunks, position_ids, meta))
         else:
             hidden = self.model(embeds, position_ids, self.kv_caches, meta)  # [T, H]
-        return hidden, meta.query_start_loc
+        assert meta.query_start_loc == query_start_loc
+        return hidden
 
     def _inject_prompt_tables(self, embeds: torch.Tensor, chunks, query_start_loc: list[int]) -> None:
         for i, chunk in enumerate(chunks):

@@ -126,7 +126,7 @@ class SamplingBatch:
             ],
             dtype=torch.float32,
         )
-        scalars = _to_device(scalars, device)  # [7, B]
+        scalars = to_device(scalars, device)  # [7, B]
 
         banned: list[int] = []
         for i, row in enumerate(rows):
@@ -159,7 +159,7 @@ class SamplingBatch:
             presence_penalty=scalars[5] if any(uses_pres) else None,
             prompt_token_ids=_padded(prompt_ids, vocab_size, device) if any(uses_rep) else None,
             output_token_ids=_padded(output_ids, vocab_size, device) if any(uses_output) else None,
-            banned=_to_device(torch.tensor(banned, dtype=torch.long), device) if banned else None,
+            banned=to_device(torch.tensor(banned, dtype=torch.long), device) if banned else None,
             seeded_rows=seeded_rows,
             has_unseeded_random=len(seeded_rows) < is_greedy.count(False),
             num_top_logprobs=tuple(min(p.top_logprobs, vocab_size) for p in params),
@@ -176,6 +176,51 @@ def sample(
 ) -> SamplerOutput:
     """Pick one token per row. `logits` [B, V] is not modified. `generator` drives unseeded rows
     (None: torch's default generator for the device)."""
+    return launch_sample(logits, batch, generator=generator, logprobs_mode=logprobs_mode).result()
+
+
+class PendingSample:
+    """Sampling whose kernels are queued: `result()` waits for them and returns plain Python values.
+
+    On CUDA the packed results are copied into pinned host memory without blocking, so the host can
+    do other work (e.g. the previous step's detokenization) while the GPU finishes the step."""
+
+    def __init__(self, packed: torch.Tensor, batch: SamplingBatch, has_logprobs: bool, max_n: int) -> None:
+        self._batch, self._has_logprobs, self._max_n = batch, has_logprobs, max_n
+        self._event = None
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()  # the one host sync of a step
+        packed = self._host.tolist()
+        if not self._has_logprobs:
+            return SamplerOutput(token_ids=[int(r[0]) for r in packed])
+        max_n = self._max_n
+        return SamplerOutput(
+            token_ids=[int(r[0]) for r in packed],
+            logprobs=[r[1] for r in packed],
+            top_logprobs=[
+                [(int(r[2 + j]), r[2 + max_n + j]) for j in range(n)]
+                for r, n in zip(packed, self._batch.num_top_logprobs, strict=True)
+            ],
+        )
+
+
+def launch_sample(
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    *,
+    generator: torch.Generator | None = None,
+    logprobs_mode: LogprobsMode = "raw",
+) -> PendingSample:
+    """`sample` without waiting: the kernels are queued and the result comes from `.result()`."""
     assert logits.dim() == 2 and logits.shape[0] == batch.num_rows, (tuple(logits.shape), batch.num_rows)
     assert logits.shape[1] == batch.vocab_size, (tuple(logits.shape), batch.vocab_size)
     logits = logits.to(torch.float32, copy=True)  # [B, V]; every stage below works in place on it
@@ -202,18 +247,8 @@ def sample(
         if max_n:
             top_values, top_ids = logprobs.topk(max_n, dim=-1)  # [B, n], most likely first
             columns += [top_ids.to(torch.float64), top_values.to(torch.float64)]
-    packed = torch.cat(columns, dim=1).tolist()  # the one host sync
-
-    if logprobs is None:
-        return SamplerOutput(token_ids=[int(r[0]) for r in packed])
-    return SamplerOutput(
-        token_ids=[int(r[0]) for r in packed],
-        logprobs=[r[1] for r in packed],
-        top_logprobs=[
-            [(int(r[2 + j]), r[2 + max_n + j]) for j in range(n)]
-            for r, n in zip(packed, batch.num_top_logprobs, strict=True)
-        ],
-    )
+    packed = torch.cat(columns, dim=1)  # [B, 1 (+ 1 + 2n)]
+    return PendingSample(packed, batch, logprobs is not None, max_n)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
@@ -296,10 +331,12 @@ def _padded(token_lists: Sequence[Sequence[int]], pad_id: int, device: torch.dev
     padded = np.full((len(token_lists), width), pad_id, dtype=np.int64)  # [B, L]
     for i, ids in enumerate(token_lists):
         padded[i, : len(ids)] = ids  # numpy converts a list of ints ~5x faster than torch
-    return _to_device(torch.from_numpy(padded), device)
+    return to_device(torch.from_numpy(padded), device)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to `device` without blocking the host on CUDA (pinned, non-blocking copy)."""
+    device = torch.device(device)
     if device.type == "cpu":
         return t
     if device.type == "cuda":

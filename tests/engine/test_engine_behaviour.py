@@ -210,3 +210,58 @@ def test_placeholder_count_mismatch_is_a_clear_error(llava):
         engine.add_request(GenerationInput("bad", prompt=PROMPT, embeddings=ref_a.embeddings + ref_b.embeddings))
     assert not engine.has_unfinished_requests()
     assert engine.scheduler.kv_cache.num_used_blocks == 0
+
+
+def _transcript(engine: EngineCore) -> tuple[dict, dict, list[tuple[str, int]]]:
+    """(ids per request, text per request, (request, step) of every output), draining the engine."""
+    ids: dict[str, list[int]] = {}
+    text: dict[str, str] = {}
+    seen: list[tuple[str, int]] = []
+    step = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            ids.setdefault(out.request_id, []).extend(out.new_token_ids)
+            text[out.request_id] = text.get(out.request_id, "") + out.text_delta
+            seen.append((out.request_id, step))
+        step += 1
+    return ids, text, seen
+
+
+def test_async_output_defers_mid_stream_text_but_changes_nothing_else(llava):
+    ckpt, ref_a, ref_b = llava
+    results = {}
+    for async_output in (False, True):
+        engine = _engine(ckpt, async_output=async_output)
+        _add(engine, "a", ref_a)
+        _add(engine, "b", ref_b, SamplingParams(max_tokens=8, temperature=0.0, stop=("zzz-never",)))
+        _add(engine, "c", ref_a, SamplingParams(max_tokens=1, temperature=0.0))
+        results[async_output] = _transcript(engine)
+        assert engine.scheduler.kv_cache.num_used_blocks == 0 or engine.config.enable_prefix_caching
+    (ids_sync, text_sync, seen_sync), (ids_async, text_async, seen_async) = results[False], results[True]
+    assert ids_async == ids_sync and text_async == text_sync
+    assert ids_sync["a"] == ref_a.output_token_ids
+    # same number of outputs per request; a's mid-stream tokens arrive one step later, its first and
+    # last on time; b (stop strings need the text at once) and c (one token) are never deferred
+    for rid in "abc":
+        sync_steps = [s for r, s in seen_sync if r == rid]
+        async_steps = [s for r, s in seen_async if r == rid]
+        assert len(sync_steps) == len(async_steps), rid
+        if rid == "a":
+            assert async_steps[0] == sync_steps[0] and async_steps[-1] == sync_steps[-1]
+            assert async_steps[1:-1] == [s + 1 for s in sync_steps[1:-1]]
+        else:
+            assert async_steps == sync_steps, rid
+
+
+def test_abort_with_a_deferred_output_pending(llava):
+    ckpt, ref_a, ref_b = llava
+    engine = _engine(ckpt, async_output=True)
+    _add(engine, "a", ref_a)
+    _add(engine, "b", ref_b)
+    while not engine._deferred:
+        engine.step()
+    assert engine.abort("a")
+    ids, _, _ = _transcript(engine)
+    assert "a" not in ids and len(ids["b"]) > 0  # nothing of a arrives after its abort, b goes on
+    assert engine.scheduler.kv_cache.num_used_blocks == 0 or engine.config.enable_prefix_caching
+    assert not engine._deferred
