@@ -128,9 +128,16 @@ class DecodeGraphs:
     # --- one step ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, token_ids: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    def run(
+        self,
+        token_ids: Sequence[int] | torch.Tensor,
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
         """Hidden states `[B, H]` of one decode step: sequence i adds token `token_ids[i]` at position
-        `seq_lens[i] - 1`. The result is a view of the static output, valid until the next call."""
+        `seq_lens[i] - 1`. `token_ids` may be a device tensor (a step whose tokens are still being
+        sampled); every copy is non-blocking, so the host never waits here. The result is a view of
+        the static output, valid until the next call."""
         num_seqs = len(token_ids)
         key = self.bucket_for(num_seqs, max(seq_lens))
         assert key is not None, "bucket_for() said this step runs eagerly"
@@ -143,17 +150,29 @@ class DecodeGraphs:
         return self.hidden[:num_seqs]
 
     def _fill_inputs(self, token_ids, seq_lens, block_tables, batch: int, num_blocks: int) -> None:
-        pad = batch - len(token_ids)
+        num_seqs = len(seq_lens)
+        pad = batch - num_seqs
         # [batch, nb]; padding rows (and columns past a row's blocks) point at the scratch block
         tables = padded_block_tables([*block_tables, *([()] * pad)], num_blocks, fill=self.scratch_block)
         lens = torch.tensor(list(seq_lens) + [1] * pad, dtype=torch.long)  # [batch]
         positions = lens - 1
         slots = tables[torch.arange(batch), positions // self.block_size] * self.block_size + positions % self.block_size
-        self.input_ids[:batch].copy_(torch.tensor(list(token_ids) + [0] * pad, dtype=torch.long))
-        self.positions[:batch].copy_(positions)
-        self.seq_lens[:batch].copy_(lens)
-        self.slot_mapping[:batch].copy_(slots)
-        self.block_tables[:batch, :num_blocks].copy_(tables)
+        if isinstance(token_ids, torch.Tensor):  # on the device already
+            self.input_ids[:num_seqs].copy_(token_ids)
+            self.input_ids[num_seqs:batch].zero_()
+        else:
+            self._upload(self.input_ids[:batch], torch.tensor(list(token_ids) + [0] * pad, dtype=torch.long))
+        self._upload(self.positions[:batch], positions)
+        self._upload(self.seq_lens[:batch], lens)
+        self._upload(self.slot_mapping[:batch], slots)
+        self._upload(self.block_tables[:batch, :num_blocks], tables)
+
+    def _upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        # A pageable host->device copy waits for the GPU queue to drain; pinned + non-blocking does
+        # not (the caching host allocator keeps the pinned buffer until the copy has run).
+        if dst.is_cuda:
+            src = src.pin_memory()
+        dst.copy_(src, non_blocking=True)
 
     def _forward(self, batch: int, num_blocks: int) -> torch.Tensor:
         """The decode step over the static buffers, tensor ops only (what a graph captures)."""

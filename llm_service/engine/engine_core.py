@@ -19,7 +19,14 @@ from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 
 from llm_service.engine.detokenizer import IncrementalDetokenizer
-from llm_service.engine.model_runner import CROSS_ATTENTION, PROMPT_TABLE, ModelRunner, MultimodalEmbedding
+from llm_service.engine.model_runner import (
+    CROSS_ATTENTION,
+    PROMPT_TABLE,
+    ModelRunner,
+    MultimodalEmbedding,
+    PendingStep,
+)
+from llm_service.engine.outputs import SchedulerOutput
 from llm_service.engine.prompt import MultimodalItem, PromptBuilder, placeholder_spec
 from llm_service.engine.request import FinishReason, Request
 from llm_service.engine.sampling_params import SamplingParams
@@ -60,6 +67,9 @@ class EngineConfig:
     # Produce the text of mid-stream tokens during the next step, while the GPU runs it (see
     # `EngineCore.step`). None: on for CUDA (where the GPU runs ahead of the host), off elsewhere.
     async_output: bool | None = None
+    # Queue the next decode step behind the running one (see `EngineCore.step`). None: on where
+    # decode steps run as CUDA graphs.
+    pipeline_decode: bool | None = None
     # Largest decode batch served by a graph (bigger batches run eagerly); buckets are 1, 2, 4, 8, 16,
     # then multiples of 16 up to this.
     max_graph_batch_size: int = 256
@@ -84,6 +94,10 @@ class EngineConfig:
     @property
     def use_cuda_graphs(self) -> bool:
         return self.enforce_eager is False or (self.enforce_eager is None and self.device_type == "cuda")
+
+    @property
+    def use_pipeline_decode(self) -> bool:
+        return self.pipeline_decode if self.pipeline_decode is not None else self.use_cuda_graphs
 
     @property
     def use_async_output(self) -> bool:
@@ -267,6 +281,7 @@ class EngineCore:
         )
         self._tracked: dict[str, _Tracked] = {}
         self._deferred: list = []  # token updates whose text is produced during the next step
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # a queued continuation step
         logger.info(
             "engine ready: family=%s device=%s dtype=%s kv_blocks=%d x %d tokens",
             self.family, self.device, config.torch_dtype, num_blocks, config.block_size,
@@ -400,26 +415,37 @@ class EngineCore:
         return self.scheduler.abort(request_id) or tracked is not None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._deferred)
 
     # --- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration: schedule, run the model, apply the sampled tokens.
+        """One engine iteration: run a step and return what it produced.
 
-        With `async_output` the text of a token that neither starts nor ends its request (and whose
-        request has no stop strings, which need the text to be checked) is produced during the next
-        step, while the GPU runs it: one step later, off the critical path. Token-level stops (EOS,
-        stop ids, lengths) are always applied at once."""
-        scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
-            return self._flush_deferred()
-        now = time.monotonic()
-        for chunk in scheduled.chunks:
-            tracked = self._tracked.get(chunk.request_id)
-            if tracked is not None and tracked.first_scheduled is None:
-                tracked.first_scheduled = now
-        pending = self.runner.launch(scheduled, self.scheduler.requests)
+        Two ways the host's work is hidden behind the GPU's, both on CUDA by default:
+
+        * `pipeline_decode`: while a decode-only step runs, the next one (the same requests, one token
+          further, see `Scheduler.schedule_continuation`) is scheduled and queued behind it, reading
+          its input tokens on the device. The previous step's bookkeeping and detokenization then
+          run while the GPU computes the next step. Outputs stay exact: a request that stops meanwhile
+          has its extra token dropped.
+        * `async_output`: when no step is queued, the text of a token that neither starts nor ends its
+          request (and whose request has no stop strings, which need the text to be checked) is
+          produced during the next step. Token-level stops (EOS, stop ids, lengths) apply at once.
+        """
+        if self._in_flight is not None:
+            scheduled, pending = self._in_flight
+            self._in_flight = None
+        else:
+            scheduled = self.scheduler.schedule()
+            if scheduled.is_empty:
+                return self._flush_deferred()
+            self._mark_scheduled(scheduled)
+            pending = self.runner.launch(scheduled, self.scheduler.requests)
+        if self.config.use_pipeline_decode and self.runner.can_continue(scheduled.chunks):
+            following = self.scheduler.schedule_continuation(scheduled)
+            if following is not None:
+                self._in_flight = (following, self.runner.launch(following, self.scheduler.requests, pending))
         outputs = self._flush_deferred()  # host work that overlaps the GPU's
         runner_output = pending.wait()
         for update in self.scheduler.update_from_output(scheduled, runner_output):
@@ -432,9 +458,17 @@ class EngineCore:
                 outputs.append(self._to_output(tracked, update))
         return outputs
 
+    def _mark_scheduled(self, scheduled) -> None:
+        now = time.monotonic()
+        for chunk in scheduled.chunks:
+            tracked = self._tracked.get(chunk.request_id)
+            if tracked is not None and tracked.first_scheduled is None:
+                tracked.first_scheduled = now
+
     def _can_defer(self, tracked: _Tracked, update) -> bool:
         return (
             self.config.use_async_output
+            and self._in_flight is None  # with a step queued, this text is made while the GPU runs it
             and update.finish_reason is None
             and not tracked.detokenizer.has_stop_strings
             and tracked.request.num_output_tokens > 1  # the first token goes out at once (TTFT)

@@ -210,6 +210,18 @@ class KVCacheManager:
             self.prefix_hit_tokens += hit
         return True
 
+    def reserve_position(self, request: Request, position: int) -> bool:
+        """Grow the request's block table to hold `position`, which may lie one past its known
+        tokens (a decode step scheduled before the previous step's token is known). Returns False,
+        changing nothing, if blocks run out."""
+        table = self._block_tables.setdefault(request.request_id, [])
+        needed = self.num_blocks_for_tokens(position + 1) - len(table)
+        if needed > len(self._free_queue):
+            return False
+        for _ in range(max(0, needed)):
+            table.append(self._pop_free_block())
+        return True
+
     def free(self, request: Request) -> None:
         """Drop the request's references (idempotent). Its hashed blocks stay reusable as cache."""
         self._pending_hits.pop(request.request_id, None)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llm_service.engine.cuda_graphs import DecodeGraphs
-from llm_service.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from llm_service.engine.outputs import CONTINUATION_TOKEN, ModelRunnerOutput, SchedulerOutput
 from llm_service.engine.request import Request
 from llm_service.layers.attention import AttentionMetadata, resolve_attention_backend
 from llm_service.layers.sampler import PendingSample, SamplingBatch, SamplingRow, launch_sample, to_device
@@ -83,6 +83,13 @@ class PendingStep:
     def __init__(self, sample: PendingSample | None, sampling_chunks: list) -> None:
         self._sample = sample
         self._chunks = sampling_chunks
+
+    def device_token_ids(self, request_ids: Sequence[str]) -> torch.Tensor:
+        """[n] int64 on the device: the tokens this step samples for `request_ids`, without waiting."""
+        assert self._sample is not None
+        row = {c.request_id: i for i, c in enumerate(self._chunks)}
+        index = to_device(torch.tensor([row[r] for r in request_ids]), self._sample.token_ids.device)
+        return self._sample.token_ids.index_select(0, index)
 
     def wait(self) -> ModelRunnerOutput:
         if self._sample is None:
@@ -209,10 +216,13 @@ class ModelRunner:
         return self.launch(scheduled, requests).wait()
 
     @torch.inference_mode()
-    def launch(self, scheduled: SchedulerOutput, requests: Mapping[str, Request]) -> PendingStep:
+    def launch(
+        self, scheduled: SchedulerOutput, requests: Mapping[str, Request], previous: PendingStep | None = None
+    ) -> PendingStep:
         """Queue the step's GPU work (forward, logits, sampling) and return without waiting for it;
-        `wait()` on the result gives the sampled tokens. Every host-to-device copy is issued before
-        the forward pass, so nothing here blocks on the GPU."""
+        `wait()` on the result gives the sampled tokens. Host-to-device copies are pinned and
+        non-blocking, so nothing here waits for the GPU. A continuation step (see
+        `Scheduler.schedule_continuation`) reads its input tokens from `previous` on the device."""
         chunks = scheduled.chunks
         sampling_chunks = [(i, c) for i, c in enumerate(chunks) if c.needs_sampling]
         batch = last_rows = None
@@ -230,9 +240,15 @@ class ModelRunner:
                 )
             batch = SamplingBatch.build(rows, vocab_size=self.vocab_size, device=self.device)
 
-        if self._runs_in_graph(chunks):
+        is_continuation = chunks[0].token_ids[0] == CONTINUATION_TOKEN
+        if is_continuation:
+            assert previous is not None and self._runs_in_graph(chunks), "a continuation needs the graph path"
+            token_ids = previous.device_token_ids([c.request_id for c in chunks])
+        else:
+            token_ids = [c.token_ids[0] for c in chunks]
+        if is_continuation or self._runs_in_graph(chunks):
             hidden = self.decode_graphs.run(
-                [c.token_ids[0] for c in chunks], [c.end_position for c in chunks], [c.block_table for c in chunks]
+                token_ids, [c.end_position for c in chunks], [c.block_table for c in chunks]
             )  # [B, H]: one row per chunk, and every decode chunk samples
         else:
             query_start_loc = list(itertools.accumulate((c.num_tokens for c in chunks), initial=0))
@@ -246,11 +262,16 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)[:, : self.vocab_size]  # [B, V]
         return PendingStep(launch_sample(logits, batch, generator=self.generator), [c for _, c in sampling_chunks])
 
-    def _runs_in_graph(self, chunks) -> bool:
+    def can_continue(self, chunks) -> bool:
+        """Whether a continuation of these decode chunks (one more token each) can run: only the graph
+        path takes its input tokens on the device."""
+        return self.decode_graphs is not None and self._runs_in_graph(chunks, extra_tokens=1)
+
+    def _runs_in_graph(self, chunks, extra_tokens: int = 0) -> bool:
         graphs = self.decode_graphs
         if graphs is None or any(c.num_tokens != 1 or c.mm_spans for c in chunks):
             return False
-        return graphs.bucket_for(len(chunks), max(c.end_position for c in chunks)) is not None
+        return graphs.bucket_for(len(chunks), max(c.end_position for c in chunks) + extra_tokens) is not None
 
     def _forward_eager(self, chunks, query_start_loc: list[int]) -> torch.Tensor:
         device = self.device

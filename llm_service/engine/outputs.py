@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from llm_service.engine.request import FinishReason, MultimodalSpan
 from llm_service.engine.sampling_params import SamplingParams
 
+# Token id of a continuation decode chunk (`Scheduler.schedule_continuation`): the real id is being
+# sampled by the step before and is read on the device.
+CONTINUATION_TOKEN = -1
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:

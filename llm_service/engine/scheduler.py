@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from llm_service.engine.kv_cache_manager import KVCacheManager
 from llm_service.engine.outputs import (
+    CONTINUATION_TOKEN,
     ModelRunnerOutput,
     RequestOutputUpdate,
     ScheduledChunk,
@@ -209,6 +210,60 @@ class Scheduler:
         num_scheduled = cfg.max_num_batched_tokens - budget
         assert len(self.running) <= cfg.max_num_seqs
         return SchedulerOutput(chunks, num_scheduled, preempted, finished)
+
+    def schedule_continuation(self, previous: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode step after `previous`, scheduled before `previous` has run: each request of
+        `previous` (all of them decode rows) adds the token `previous` is sampling for it, whose value
+        the runner takes on the device. None where that cannot be done exactly, and the engine then
+        waits for `previous` and schedules normally: new requests are waiting (admission and
+        preemption need settled state), a row's sampling depends on its output history (penalties,
+        a seed, min_tokens not yet reached), or blocks run out.
+
+        Rows whose `previous` token is their last (max_tokens) are left out. A row that turns out to
+        stop at `previous` (EOS, stop id or string) or is aborted meanwhile computes one token that
+        `update_from_output` drops (the request is gone by then); the slot it writes is past the
+        request's computed tokens, in a block that is not cached.
+        """
+        if self.waiting or not previous.chunks:
+            return None
+        chunks = []
+        for prev in previous.chunks:
+            request = self.requests.get(prev.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted or finished since
+            params = request.sampling_params
+            if prev.num_tokens != 1 or not prev.needs_sampling or prev.mm_spans:
+                return None
+            if (
+                params.repetition_penalty != 1.0
+                or params.frequency_penalty != 0.0
+                or params.presence_penalty != 0.0
+                or (params.seed is not None and params.temperature > 0)
+                or request.num_output_tokens < params.min_tokens
+            ):
+                return None
+            if request.num_output_tokens + 1 >= params.max_tokens:
+                continue  # `previous` samples its last token
+            position = prev.end_position  # where the token sampled by `previous` goes
+            if not self.kv_cache.reserve_position(request, position):
+                return None  # blocks reserved so far stay with their requests; they need them next
+            chunks.append(
+                ScheduledChunk(
+                    request_id=request.request_id,
+                    start_position=position,
+                    num_tokens=1,
+                    token_ids=[CONTINUATION_TOKEN],
+                    block_table=self.kv_cache.get_block_table(request.request_id),
+                    mm_spans=(),
+                    needs_sampling=True,
+                    sampling_params=params,
+                    cache_salt_keys=request.cache_salt_keys,
+                )
+            )
+        if not chunks:
+            return None
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(chunks, len(chunks), [], finished)
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)

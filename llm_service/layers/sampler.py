@@ -185,7 +185,10 @@ class PendingSample:
     On CUDA the packed results are copied into pinned host memory without blocking, so the host can
     do other work (e.g. the previous step's detokenization) while the GPU finishes the step."""
 
-    def __init__(self, packed: torch.Tensor, batch: SamplingBatch, has_logprobs: bool, max_n: int) -> None:
+    def __init__(
+        self, token_ids: torch.Tensor, packed: torch.Tensor, batch: SamplingBatch, has_logprobs: bool, max_n: int
+    ) -> None:
+        self.token_ids = token_ids  # [B] int64 on the device: a following step may read it there
         self._batch, self._has_logprobs, self._max_n = batch, has_logprobs, max_n
         self._event = None
         if packed.is_cuda:
@@ -248,7 +251,7 @@ def launch_sample(
             top_values, top_ids = logprobs.topk(max_n, dim=-1)  # [B, n], most likely first
             columns += [top_ids.to(torch.float64), top_values.to(torch.float64)]
     packed = torch.cat(columns, dim=1)  # [B, 1 (+ 1 + 2n)]
-    return PendingSample(packed, batch, logprobs is not None, max_n)
+    return PendingSample(token_ids, packed, batch, logprobs is not None, max_n)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:

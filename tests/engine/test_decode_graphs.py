@@ -61,13 +61,35 @@ class _CountingGraphs:
         graphs.run = counted
 
 
+class _CountingContinuations(_CountingGraphs):
+    """Also counts the decode steps queued behind a running one (`pipeline_decode`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.continuations = 0
+
+    def __call__(self, engine) -> None:
+        super().__call__(engine)
+        schedule = engine.scheduler.schedule_continuation
+
+        def counted(*args, **kwargs):
+            following = schedule(*args, **kwargs)
+            self.continuations += following is not None
+            return following
+
+        engine.scheduler.schedule_continuation = counted
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sync", "pipelined"])
 @pytest.mark.parametrize("num_requests", [3, 16])
 @pytest.mark.parametrize("family", ["llava", "blip2", "vila", "llava_onevision"])
-def test_padded_decode_path_matches_hf(references, family, num_requests):
+def test_padded_decode_path_matches_hf(references, family, num_requests, pipeline):
     ckpt, cases = references(family)
-    counter = _CountingGraphs()
-    _, outputs = _run_engine(ckpt, cases, num_requests, prepare=counter)
+    counter = _CountingContinuations()
+    engine, outputs = _run_engine(ckpt, cases, num_requests, prepare=counter, pipeline_decode=pipeline)
     assert counter.calls > 0, "no decode step took the graph path"
+    assert (counter.continuations > 0) == pipeline
+    assert all(b.ref_count == 0 for b in engine.scheduler.kv_cache.blocks)
     for i, (rid, tokens) in enumerate(sorted(outputs.items(), key=lambda kv: int(kv[0].split("-")[1]))):
         assert tokens == cases[i % len(cases)][1].output_token_ids, f"{family} {rid}"
 

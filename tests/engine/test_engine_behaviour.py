@@ -263,5 +263,82 @@ def test_abort_with_a_deferred_output_pending(llava):
     assert engine.abort("a")
     ids, _, _ = _transcript(engine)
     assert "a" not in ids and len(ids["b"]) > 0  # nothing of a arrives after its abort, b goes on
-    assert engine.scheduler.kv_cache.num_used_blocks == 0 or engine.config.enable_prefix_caching
+    assert all(b.ref_count == 0 for b in engine.scheduler.kv_cache.blocks)
     assert not engine._deferred
+
+
+
+def _pipelined(ckpt, **kwargs) -> EngineCore:
+    """CUDA's default decode pipeline, on CPU: the graph path's static buffers run eagerly."""
+    engine = _engine(ckpt, pipeline_decode=True, **kwargs)
+    engine.runner.enable_decode_graphs(capture=False)
+    return engine
+
+
+def test_pipelined_decode_with_stops_and_aborts_matches_sync(llava):
+    ckpt, ref_a, ref_b = llava
+    stop_id = ref_a.output_token_ids[4]  # a stop token a produces mid-stream, while a step is queued
+    full_text = {}
+    engine = _engine(ckpt)
+    _add(engine, "t", ref_a)
+    full_text = "".join(o.text_delta for _ in range(20) for o in engine.step())
+    stop = full_text[len(full_text) // 2 : len(full_text) // 2 + 2]
+    requests = {
+        "plain": (ref_a, GREEDY),
+        "stop-id": (ref_a, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop_id,))),
+        "stop-str": (ref_a, SamplingParams(max_tokens=8, temperature=0.0, stop=(stop,))),
+        "short": (ref_b, SamplingParams(max_tokens=3, temperature=0.0)),
+    }
+    results = {}
+    for name, engine in (("sync", _engine(ckpt)), ("pipelined", _pipelined(ckpt))):
+        continued: list[str] = []
+        schedule = engine.scheduler.schedule_continuation
+
+        def recorded(previous, schedule=schedule, continued=continued):
+            following = schedule(previous)
+            continued.extend(c.request_id for c in following.chunks) if following else None
+            return following
+
+        engine.scheduler.schedule_continuation = recorded
+        for rid, (ref, params) in requests.items():
+            _add(engine, rid, ref, params)
+        results[name] = _transcript(engine)[:2]
+        assert all(b.ref_count == 0 for b in engine.scheduler.kv_cache.blocks), name
+        assert not engine.has_unfinished_requests()
+        # the pipelined run queued steps for the requests that stop early, past their stop
+        assert (set(continued) >= {"stop-id", "stop-str"}) == (name == "pipelined")
+    assert results["pipelined"] == results["sync"]
+    ids = results["sync"][0]
+    assert ids["stop-id"][-1] == stop_id and len(ids["stop-id"]) < 8
+    assert len(ids["short"]) == 3
+
+
+def test_no_continuation_where_sampling_reads_the_output_history(llava):
+    ckpt, ref_a, _ = llava
+    for params in (
+        SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(max_tokens=8, temperature=0.7, seed=3),
+        SamplingParams(max_tokens=8, temperature=0.0, min_tokens=6),
+    ):
+        engine = _pipelined(ckpt)
+        _add(engine, "r", ref_a, params)
+        queued = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            queued += engine._in_flight is not None
+        assert queued == 0 if params.min_tokens == 0 else queued > 0, params  # min_tokens: once reached
+
+
+def test_pipelined_decode_really_queues_steps_and_survives_an_abort(llava):
+    ckpt, ref_a, ref_b = llava
+    engine = _pipelined(ckpt)
+    _add(engine, "a", ref_a)
+    _add(engine, "b", ref_b)
+    queued = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        queued += engine._in_flight is not None
+        if queued == 2 and engine.scheduler.get_request("a") is not None:
+            assert engine.abort("a")  # a has a step queued on the device: its token is dropped
+    assert queued >= 2
+    assert all(b.ref_count == 0 for b in engine.scheduler.kv_cache.blocks)
