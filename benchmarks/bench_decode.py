@@ -96,6 +96,30 @@ def _row(system: str, num_in: int, num_out: int, ttft_ms: list[float], ms_per_to
     }
 
 
+def write_plot(results: dict, shapes: list[tuple[int, int]], path: Path) -> None:
+    rows, floor_ms = results["results"], results["hbm_floor_ms_per_token"]
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = list(dict.fromkeys(r["system"] for r in rows))
+        width = 0.8 / max(1, len(names))
+        for k, name in enumerate(names):
+            values = [next((r["decode_ms_per_token"] for r in rows if r["system"] == name
+                            and (r["input"], r["output"]) == shape), float("nan")) for shape in shapes]
+            ax.bar([x + k * width for x in range(len(shapes))], values, width, label=name)
+        ax.axhline(floor_ms, linestyle="--", color="grey", label="HBM floor")
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(shapes))])
+        ax.set_xticklabels([f"{i}/{o}" for i, o in shapes])
+        ax.set_xlabel("input / output tokens")
+        ax.set_ylabel("ms / token (batch 1)")
+        ax.set_yscale("log")
+        ax.set_title(f"decode latency, {results['model']}, {results['device']}", fontsize=9)
+        ax.legend(fontsize=8)
+        return fig
+
+    save_plot(path, draw)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for decode_bs1.json / .png")
@@ -173,25 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print("note:", note)
 
-    def draw(plt):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        names = list(dict.fromkeys(r["system"] for r in rows))
-        width = 0.8 / max(1, len(names))
-        for k, name in enumerate(names):
-            values = [next((r["decode_ms_per_token"] for r in rows if r["system"] == name
-                            and (r["input"], r["output"]) == shape), float("nan")) for shape in shapes]
-            ax.bar([x + k * width for x in range(len(shapes))], values, width, label=name)
-        ax.axhline(floor_ms, linestyle="--", color="grey", label="HBM floor")
-        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(shapes))])
-        ax.set_xticklabels([f"{i}/{o}" for i, o in shapes])
-        ax.set_xlabel("input / output tokens")
-        ax.set_ylabel("ms / token (batch 1)")
-        ax.set_yscale("log")
-        ax.set_title(f"decode latency, {results['model']}, {results['device']}", fontsize=9)
-        ax.legend(fontsize=8)
-        return fig
-
-    save_plot(args.out / "decode_bs1.png", draw)
+    write_plot(results, shapes, args.out / "decode_bs1.png")
     return 0
 
 
