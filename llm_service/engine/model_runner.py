@@ -241,15 +241,18 @@ class ModelRunner:
             batch = SamplingBatch.build(rows, vocab_size=self.vocab_size, device=self.device)
 
         is_continuation = chunks[0].token_ids[0] == CONTINUATION_TOKEN
+        graph_rows = None if is_continuation else self._graph_rows(chunks)
         if is_continuation:
             assert previous is not None and self._runs_in_graph(chunks), "a continuation needs the graph path"
             token_ids = previous.device_token_ids([c.request_id for c in chunks])
-        else:
-            token_ids = [c.token_ids[0] for c in chunks]
-        if is_continuation or self._runs_in_graph(chunks):
             hidden = self.decode_graphs.run(
                 token_ids, [c.end_position for c in chunks], [c.block_table for c in chunks]
             )  # [B, H]: one row per chunk, and every decode chunk samples
+        elif graph_rows is not None:
+            token_ids, seq_lens, tables, chunk_last_rows = graph_rows
+            hidden = self.decode_graphs.run(token_ids, seq_lens, tables)  # [rows, H]
+            if sampling_chunks and len(token_ids) != len(sampling_chunks):  # rows that sample nothing
+                last_rows = to_device(torch.tensor([chunk_last_rows[i] for i, _ in sampling_chunks]), self.device)
         else:
             query_start_loc = list(itertools.accumulate((c.num_tokens for c in chunks), initial=0))
             if sampling_chunks:
@@ -261,6 +264,32 @@ class ModelRunner:
             hidden = hidden[last_rows]
         logits = self.model.compute_logits(hidden)[:, : self.vocab_size]  # [B, V]
         return PendingStep(launch_sample(logits, batch, generator=self.generator), [c for _, c in sampling_chunks])
+
+    def _graph_rows(self, chunks) -> tuple[list[int], list[int], list[list[int]], list[int]] | None:
+        """The step as single-token rows for the graph path, or None if it must run eagerly.
+
+        A prefill chunk without image rows becomes one row per token: the row at position p attends
+        to positions <= p of its sequence, exactly what causal attention over the chunk computes,
+        and the chunk's K/V are written (for every row) before any row attends. So short text-only
+        prefills (a prompt whose image and prefix came from the prefix cache, say) and mixed steps
+        replay a graph instead of paying an eager forward's launch overhead.
+        Returns (token ids, context lengths, block tables) per row and each chunk's last row."""
+        graphs = self.decode_graphs
+        if graphs is None or any(c.mm_spans for c in chunks):
+            return None
+        num_rows = sum(c.num_tokens for c in chunks)
+        if graphs.bucket_for(num_rows, max(c.end_position for c in chunks)) is None:
+            return None
+        token_ids: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        last_rows: list[int] = []
+        for c in chunks:
+            token_ids += c.token_ids
+            seq_lens += range(c.start_position + 1, c.end_position + 1)
+            tables += [c.block_table] * c.num_tokens
+            last_rows.append(len(token_ids) - 1)
+        return token_ids, seq_lens, tables, last_rows
 
     def can_continue(self, chunks) -> bool:
         """Whether a continuation of these decode chunks (one more token each) can run: only the graph

@@ -99,3 +99,29 @@ def test_mllama_keeps_eager_decode(references):
     engine, outputs = _run_engine(ckpt, cases[:1], 1, prepare=lambda e: e.runner.enable_decode_graphs(capture=False))
     assert engine.runner.decode_graphs is None  # cross-attention layers loop over sequences: no graphs
     assert outputs["req-0"] == cases[0][1].output_token_ids
+
+
+def test_text_prefill_chunks_run_as_graph_rows(references):
+    """A prefill chunk without image rows runs on the graph path as one row per token; the result
+    still equals HF's."""
+    ckpt, cases = references("llava")
+    text_only = [case for case in cases if "<image>" not in case[0]]
+    assert text_only
+    multi_row_runs = 0
+
+    def prepare(engine):
+        engine.runner.enable_decode_graphs(capture=False)
+        graphs = engine.runner.decode_graphs
+        run = graphs.run
+
+        def spy(token_ids, seq_lens, tables):
+            nonlocal multi_row_runs
+            multi_row_runs += any(a is b for a, b in zip(tables, tables[1:], strict=False))  # a chunk's rows
+            return run(token_ids, seq_lens, tables)
+
+        graphs.run = spy
+
+    _, outputs = _run_engine(ckpt, text_only, 3, prepare=prepare)
+    assert multi_row_runs > 0
+    for rid, tokens in outputs.items():
+        assert tokens == text_only[0][1].output_token_ids, rid
