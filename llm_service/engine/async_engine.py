@@ -38,13 +38,9 @@ class _Collector:
         self._event = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
-        self.store(output)
-        self._wake()
-
-    def store(self, output: RequestOutput) -> None:
-        """`put` without the wake-up: the caller wakes many collectors at once (`_wake_all`)."""
         with self._lock:
             self._pending = output if self._pending is None else _merge(self._pending, output)
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
@@ -66,23 +62,6 @@ class _Collector:
                     return output
                 if self._error is not None:
                     raise self._error
-
-
-def _wake_all(collectors: list[_Collector]) -> None:
-    """Wake every reader with one thread-safe call per event loop instead of one per request: each
-    call takes a lock and writes the loop's self-pipe, and a step at 64+ streams would do it 64+
-    times while holding the GIL the gRPC threads need."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
-    for collector in collectors:
-        by_loop.setdefault(collector._loop, []).append(collector._event)
-    for loop, events in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # a closed loop: its readers are gone
-            loop.call_soon_threadsafe(_set_events, events)
-
-
-def _set_events(events: list[asyncio.Event]) -> None:
-    for event in events:
-        event.set()
 
 
 def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -209,16 +188,13 @@ class AsyncLLMEngine:
                 logger.exception("engine step failed; aborting the requests in flight")
                 self._fail_all(InternalError("the engine failed while running this request"))
                 continue
-            to_wake: list[_Collector] = []
             for output in outputs:
                 collector = self._collectors.get(output.request_id)
                 if collector is None:
                     continue
                 if output.is_finished:
                     del self._collectors[output.request_id]
-                collector.store(output)
-                to_wake.append(collector)
-            _wake_all(to_wake)
+                collector.put(output)
         self._fail_all(UnavailableError("the engine shut down before this request finished"))
 
     def _apply_commands(self, *, block: bool) -> None:
