@@ -354,26 +354,29 @@ class Bench:
                 record.update(compare(output, self.references[batch_size]))
                 del output
                 times = time_calls(lambda: fn(pixels), self.args.iters, self.device)
-        except BudgetExceeded:
-            self.budget.aborted = True
-            record["status"] = f"aborted: time budget ran out after {time.perf_counter() - began:.0f} s"
-        except Exception as exc:
-            record["status"] = f"failed: {type(exc).__name__}: {str(exc)[:400]}"
+        except (BudgetExceeded, Exception) as exc:  # BudgetExceeded is a BaseException (an alarm)
+            self._record_failure(record, exc, began)
         else:
-            median = statistics.median(times)
-            record.update(
-                status="ok",
-                images_per_s=batch_size / median * 1000.0,
-                ms_median=median,
-                ms_min=min(times),
-                ms_max=max(times),
-            )
+            self._record_times(record, batch_size, times)
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._print(name, batch_size, record)
         self.save()
         return record.get("images_per_s")
+
+    def _record_failure(self, record: dict, exc: BaseException, began: float) -> None:
+        if isinstance(exc, BudgetExceeded):
+            self.budget.aborted = True
+            record["status"] = f"aborted: time budget ran out after {time.perf_counter() - began:.0f} s"
+        else:
+            record["status"] = f"failed: {type(exc).__name__}: {str(exc)[:400]}"
+
+    @staticmethod
+    def _record_times(record: dict, batch_size: int, times: list[float]) -> None:
+        median = statistics.median(times)
+        record.update(status="ok", images_per_s=batch_size / median * 1000.0, ms_median=median,
+                      ms_min=min(times), ms_max=max(times))
 
     def run_encode(self, name: str, description: str, engine, batch_size: int) -> float | None:
         """engine.encode(): host float32 pixels in, per-image host features out."""
@@ -397,14 +400,10 @@ class Bench:
                 )
                 del outputs, expected, got
                 times = time_calls(lambda: engine.encode(prepared), self.args.iters, self.device, wall=True)
-        except BudgetExceeded:
-            self.budget.aborted = True
-            record["status"] = f"aborted: time budget ran out after {time.perf_counter() - began:.0f} s"
-        except Exception as exc:
-            record["status"] = f"failed: {type(exc).__name__}: {str(exc)[:400]}"
+        except (BudgetExceeded, Exception) as exc:  # BudgetExceeded is a BaseException (an alarm)
+            self._record_failure(record, exc, began)
         else:
-            median = statistics.median(times)
-            record.update(status="ok", images_per_s=batch_size / median * 1000.0, ms_median=median)
+            self._record_times(record, batch_size, times)
         self._print(name, batch_size, record)
         self.save()
         return record.get("images_per_s")
