@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run every step eagerly: no CUDA graphs (by default decode steps replay graphs on CUDA)",
     )
+    engine.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the engine in its own process (spawned), so the gRPC threads and the engine loop "
+        "do not share one GIL; opt-in until measured (benchmarks/bench_grpc_overhead.py)",
+    )
     service = parser.add_argument_group("service")
     service.add_argument(
         "--embedding-cache-bytes",
@@ -135,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
         seed=args.seed,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        engine_process=args.engine_process,
         embedding_cache_bytes=args.embedding_cache_bytes,
         encoder_address=args.encoder_address,
         encoder_timeout_s=args.encoder_timeout_s,

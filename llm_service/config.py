@@ -38,7 +38,8 @@ class LlmServiceConfig:
     `num_kv_blocks` (None: from `kv_memory_fraction` on CUDA), `max_num_seqs`,
     `max_num_batched_tokens` (per step), `max_model_len` (None: the checkpoint's), `max_queue_size`
     (waiting requests; more -> RESOURCE_EXHAUSTED), `max_prefill_chunk_tokens`,
-    `enable_prefix_caching`, `seed`.
+    `enable_prefix_caching`, `seed`, `engine_process` (run the EngineCore in a child process, so the
+    gRPC threads and the engine loop do not share one GIL; opt-in until measured on a GPU).
 
     Service: `embedding_cache_bytes` (0 disables the cache: content_id references then always
     answer NOT_FOUND), `encoder_address` (enables raw media inputs), `encoder_timeout_s`,
@@ -66,6 +67,7 @@ class LlmServiceConfig:
     seed: int = 0
     attention_backend: str = "auto"  # auto | reference | batched | triton (EngineConfig validates)
     enforce_eager: bool = False  # True: no CUDA graphs (decode steps replay them on CUDA by default)
+    engine_process: bool = False  # True: the EngineCore runs in its own process (ProcessEngineClient)
     embedding_cache_bytes: int = 2048 * MiB
     encoder_address: str | None = None
     encoder_timeout_s: float = 60.0

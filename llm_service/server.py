@@ -9,6 +9,7 @@ answer UNAVAILABLE) -> `start_serving()` (a tiny warm-up generation, then SERVIN
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -18,8 +19,9 @@ from llm_service.config import LlmServiceConfig, default_sampling
 from llm_service.encoder_client import EncoderClient
 from llm_service.engine.async_engine import AsyncLLMEngine
 from llm_service.engine.engine_core import EngineCore, GenerationInput
+from llm_service.engine.engine_process import ProcessEngineClient
 from llm_service.engine.sampling_params import SamplingParams
-from llm_service.model_info import ModelDescription, describe_model
+from llm_service.model_info import ModelDescription
 from llm_service.servicer import SERVICE_NAME, LlmService
 from vlm_protocol import grpc_server
 from vlm_protocol.grpc_server import RunningServer, ServiceRegistration
@@ -30,7 +32,9 @@ logger = logging.getLogger(__name__)
 class LlmServer:
     """A built LLM service: the gRPC server (`running`), its servicer and the engine it drives."""
 
-    def __init__(self, running: RunningServer, servicer: LlmService, engine: AsyncLLMEngine) -> None:
+    def __init__(
+        self, running: RunningServer, servicer: LlmService, engine: AsyncLLMEngine | ProcessEngineClient
+    ) -> None:
         self.running = running
         self.servicer = servicer
         self.engine = engine
@@ -49,10 +53,10 @@ class LlmServer:
 
     async def warm_up(self) -> None:
         """One tiny generation, so the first real request does not pay for lazy initialisation."""
-        core = self.engine.core
-        token_id = core.tokenizer.bos_token_id
+        model = self.servicer.model
+        token_id = model.bos_token_id
         if token_id is None:
-            token_id = core.eos_token_ids[0] if core.eos_token_ids else 0
+            token_id = model.eos_token_ids[0] if model.eos_token_ids else 0
         inp = GenerationInput(
             request_id="warmup-" + uuid.uuid4().hex,
             prompt_token_ids=[token_id],
@@ -83,12 +87,15 @@ class LlmServer:
 
 
 def build_server(
-    config: LlmServiceConfig, engine: AsyncLLMEngine, *, model: ModelDescription | None = None
+    config: LlmServiceConfig,
+    engine: AsyncLLMEngine | ProcessEngineClient,
+    *,
+    model: ModelDescription | None = None,
 ) -> LlmServer:
     """Wire servicer, health, reflection and limits around `engine`, and bind the port. Call inside
     the event loop that will run it; then `start()` and `start_serving()`."""
     if model is None:
-        model = describe_model(engine.core, config.model_dir)
+        model = engine.describe(config.model_dir)
     encoder = None
     if config.encoder_address:
         encoder = EncoderClient(
@@ -107,14 +114,43 @@ def build_server(
         llm_service_pb2_grpc.add_LlmServiceServicer_to_server, servicer, SERVICE_NAME
     )
     running = grpc_server.build_server(config.server_config(), [registration])
+    if isinstance(engine, ProcessEngineClient):
+        _report_engine_death(engine, running)
     return LlmServer(running, servicer, engine)
+
+
+def _report_engine_death(engine: ProcessEngineClient, running: RunningServer) -> None:
+    """A dead engine process cannot come back: health goes NOT_SERVING so that orchestrators restart
+    the service (every generation call already answers UNAVAILABLE)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def report() -> None:
+        logger.error("the engine process is gone: health is NOT_SERVING; restart the service")
+        task = asyncio.ensure_future(running.set_not_serving())
+        tasks.add(task)  # held until done
+        task.add_done_callback(tasks.discard)
+
+    def on_death() -> None:
+        with contextlib.suppress(RuntimeError):  # that server's loop is closed: nothing to report to
+            loop.call_soon_threadsafe(report)
+
+    engine.on_death(on_death)
 
 
 async def serve(config: LlmServiceConfig) -> None:
     """Load the model, serve until SIGTERM/SIGINT (drain; a second signal stops at once), shut down."""
-    logger.info("loading %s on %s", config.model_dir, config.resolved_device)
-    core = await asyncio.to_thread(EngineCore, config.engine_config())
-    engine = AsyncLLMEngine(core)
+    logger.info(
+        "loading %s on %s%s",
+        config.model_dir,
+        config.resolved_device,
+        " in an engine process" if config.engine_process else "",
+    )
+    engine: AsyncLLMEngine | ProcessEngineClient
+    if config.engine_process:
+        engine = await asyncio.to_thread(ProcessEngineClient, config.engine_config())
+    else:
+        engine = AsyncLLMEngine(await asyncio.to_thread(EngineCore, config.engine_config()))
     try:
         server = build_server(config, engine)
         await server.start()

@@ -24,8 +24,10 @@ from llm_service.config import LlmServiceConfig
 from llm_service.convert import RequestTimeline, StreamResponseBuilder
 from llm_service.embedding_cache import EmbeddingCache
 from llm_service.encoder_client import EncoderClient
+from llm_service.engine import calls
 from llm_service.engine.async_engine import AsyncLLMEngine
-from llm_service.engine.engine_core import EngineCore, RequestOutput
+from llm_service.engine.engine_core import RequestOutput
+from llm_service.engine.engine_process import ProcessEngineClient
 from llm_service.engine.model_runner import MultimodalEmbedding
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.model_info import ModelDescription
@@ -61,7 +63,7 @@ class _TokenTexts:
 class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
     def __init__(
         self,
-        engine: AsyncLLMEngine,
+        engine: AsyncLLMEngine | ProcessEngineClient,
         model: ModelDescription,
         config: LlmServiceConfig,
         *,
@@ -76,7 +78,7 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
         self.cache = EmbeddingCache(
             config.embedding_cache_bytes, kind=model.embedding_kind, hidden_size=model.hidden_size
         )
-        self._token_text = _TokenTexts(engine.core.tokenizer)
+        self._token_text = _TokenTexts(engine.tokenizer)
         self._is_ready = False
         self._model_info = convert.model_info_response(
             model,
@@ -109,15 +111,11 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
     async def Tokenize(self, request, context):
         self._check_ready()
         inp = convert.tokenize_input(request)
-        token_text = self._token_text
-
-        def tokenize(core: EngineCore):  # on the engine thread: the tokenizer is not shared across threads
-            text, add_special_tokens = core.render_prompt(inp)
-            token_ids = core.prompt_builder.encode_text(text, add_special_tokens=add_special_tokens)
-            strings = [token_text(t) for t in token_ids] if request.return_token_strings else None
-            return text, token_ids, core.prompt_builder.placeholder_token_ids(), strings
-
-        return convert.tokenize_response(*await self.engine.call(tokenize))
+        # Rendering and encoding run in the engine (its tokenizer and chat template); single tokens
+        # are decoded here, as for log probs.
+        text, token_ids, placeholders = await self.engine.call(calls.tokenize_text, inp)
+        strings = [self._token_text(t) for t in token_ids] if request.return_token_strings else None
+        return convert.tokenize_response(text, token_ids, placeholders, strings)
 
     @handle_rpc_errors
     async def Generate(self, request, context):
@@ -162,11 +160,7 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
                 num_multimodal_prompt_tokens=convert.num_multimodal_prompt_tokens(embeddings),
                 top_log_probs=options.top_log_probs,
             )
-            echo = (
-                await self.engine.call(lambda core: core.tokenize_prompt(inp))
-                if options.echo_prompt
-                else None
-            )
+            echo = await self.engine.call(calls.tokenize_prompt, inp) if options.echo_prompt else None
             deadline = None
             if self.config.request_timeout_s is not None:
                 deadline = timeline.received_at + self.config.request_timeout_s

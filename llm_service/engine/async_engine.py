@@ -14,11 +14,18 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
+from llm_service.engine.calls import EngineStats, engine_stats
 from llm_service.engine.engine_core import EngineCore, GenerationInput, RequestOutput
 from vlm_protocol.errors import InternalError, UnavailableError, VlmError
+
+if TYPE_CHECKING:
+    from llm_service.model_info import ModelDescription
+
+__all__ = ["AsyncLLMEngine", "EngineStats"]  # EngineStats now lives in llm_service.engine.calls
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +80,6 @@ def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     )
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_kv_blocks_used: int
-    num_kv_blocks_free: int
-    prefix_hit_tokens: int
-    num_preemptions: int
-
-
 class AsyncLLMEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
@@ -133,8 +130,21 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(inp.request_id)
 
-    async def call(self, fn: Callable[[EngineCore], T]) -> T:
-        """Run `fn(core)` on the engine thread between steps (e.g. tokenizer work) and return its result."""
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer, for decoding single tokens on the asyncio side (log probs)."""
+        return self.core.tokenizer
+
+    def describe(self, model_dir: str | Path) -> ModelDescription:
+        """What GetModelInfo reports and incoming embeddings are checked against (call before serving)."""
+        from llm_service.model_info import describe_model
+
+        return describe_model(self.core, model_dir)
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn(core, *args)` on the engine thread between steps (e.g. tokenizer work) and return
+        its result. Prefer the module-level functions of `llm_service.engine.calls`: they also work
+        with the engine in its own process (`ProcessEngineClient`)."""
         if self._stopped.is_set():
             raise UnavailableError("the engine is shut down")
         done: Future[T] = Future()
@@ -143,7 +153,7 @@ class AsyncLLMEngine:
             if not done.set_running_or_notify_cancel():
                 return
             try:
-                done.set_result(fn(self.core))
+                done.set_result(fn(self.core, *args))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 done.set_exception(exc)
 
@@ -160,15 +170,8 @@ class AsyncLLMEngine:
         self._commands.put(do_abort)
 
     def stats(self) -> EngineStats:
-        s = self.core.scheduler.stats()
-        return EngineStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            num_kv_blocks_used=s.num_used_blocks,
-            num_kv_blocks_free=s.num_free_blocks,
-            prefix_hit_tokens=s.prefix_hit_tokens,
-            num_preemptions=s.num_preemptions,
-        )
+        """Read from the calling thread (a snapshot, not synchronised with the loop)."""
+        return engine_stats(self.core)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopped.set()

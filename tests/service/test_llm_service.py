@@ -35,14 +35,21 @@ from vlm.v1 import (
 )
 
 from llm_service.config import LlmServiceConfig
+from llm_service.engine import calls
 from llm_service.engine.async_engine import AsyncLLMEngine
-from llm_service.engine.engine_core import EngineCore
+from llm_service.engine.engine_core import EngineCore, GenerationInput
+from llm_service.engine.engine_process import ProcessEngineClient, process_counters
 from llm_service.engine.model_runner import MultimodalEmbedding
 from llm_service.server import LlmServer, build_server
 from tests.engine.hf_reference import HFReference
 from tests.engine.test_engine_parity import _images
 from vlm_protocol.checkpoint_identity import model_fingerprint
-from vlm_protocol.errors import MISSING_CONTENT_IDS_METADATA_KEY, parse_missing_content_ids
+from vlm_protocol.errors import (
+    MISSING_CONTENT_IDS_METADATA_KEY,
+    InternalError,
+    InvalidArgumentError,
+    parse_missing_content_ids,
+)
 from vlm_protocol.grpc_server import ServerConfig, ServiceRegistration, start_server
 from vlm_protocol.tensor_codec import encode_torch
 
@@ -126,7 +133,7 @@ def _request(inputs, *, max_tokens: int = NUM_TOKENS, prompt: str = PROMPT, **sa
 
 @contextlib.asynccontextmanager
 async def _serving(
-    config: LlmServiceConfig, engine: AsyncLLMEngine, *, ready: bool = True
+    config: LlmServiceConfig, engine: AsyncLLMEngine | ProcessEngineClient, *, ready: bool = True
 ) -> AsyncIterator[tuple[LlmServer, llm_service_pb2_grpc.LlmServiceStub, grpc.aio.Channel]]:
     server = build_server(config, engine)
     await server.start()
@@ -709,7 +716,8 @@ def test_cli_rejects_bad_flags_before_loading_anything(capsys):
     assert "max_num_seqs must be >= 1" in capsys.readouterr().err
 
 
-def test_cli_serves_and_drains_on_sigterm(llava):
+@pytest.mark.parametrize("extra_flags", [[], ["--engine-process"]], ids=["in-process", "engine-process"])
+def test_cli_serves_and_drains_on_sigterm(llava, extra_flags):
     ckpt, _, _ = llava
     command = [
         sys.executable,
@@ -727,6 +735,7 @@ def test_cli_serves_and_drains_on_sigterm(llava):
         "4",
         "--grace-period-s",
         "5",
+        *extra_flags,
     ]
     process = subprocess.Popen(
         command,
@@ -768,3 +777,157 @@ def test_cli_serves_and_drains_on_sigterm(llava):
         log.append(lines.get())
     text = "".join(log)
     assert "draining" in text and "prompt=" in text and "USER" not in text  # summary line, no prompt
+    if extra_flags:  # the engine process stopped with the service: no orphan
+        pid = int(text.split("engine process ", 1)[1].split()[0])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# --- the engine in its own process (--engine-process) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def process_engine(llava):
+    engine = ProcessEngineClient(_config(llava[0], engine_process=True).engine_config())
+    yield engine
+    engine.shutdown()
+    assert not engine.process.is_alive()
+
+
+async def _wait_idle_process(engine: ProcessEngineClient, timeout_s: float = 10.0) -> calls.EngineStats:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = await engine.call(calls.engine_stats)
+        idle = stats.num_running == stats.num_waiting == stats.num_kv_blocks_used == 0
+        if idle or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.02)
+
+
+def test_engine_process_serves_the_same_tokens_as_the_in_process_engine(llava, engine, process_engine):
+    ckpt, ref_a, _ = llava
+    text_only = _request([], prompt="USER: Hello! How are you today? ASSISTANT:", max_tokens=12, ignore_eos=True)
+    image = _request([_full(ckpt, ref_a)])
+    options = llm_service_pb2.OutputOptions(echo_prompt=True, top_log_probs=2)
+
+    async def replies(stub) -> list:
+        out = []
+        for kwargs in (text_only, image):
+            unary = await stub.Generate(
+                llm_service_pb2.GenerateRequest(output_options=options, **kwargs), timeout=30
+            )
+            stream = await _stream_all(stub, llm_service_pb2.GenerateStreamRequest(**kwargs))
+            out.append(
+                (
+                    list(unary.token_ids),
+                    unary.text,
+                    list(unary.prompt_token_ids),
+                    [(lp.token.token_id, round(lp.token.log_prob, 4)) for lp in unary.log_probs],
+                    [t for m in stream for t in m.token_ids],
+                    "".join(m.text for m in stream),
+                )
+            )
+        tokens = await stub.Tokenize(llm_service_pb2.TokenizeRequest(prompt=PROMPT, return_token_strings=True))
+        out.append((list(tokens.token_ids), list(tokens.token_strings), tokens.num_image_placeholders))
+        return out
+
+    async def scenario():
+        async with _serving(_config(ckpt), engine) as (_, stub, _):
+            expected = await replies(stub)
+        config = _config(ckpt, engine_process=True)
+        async with _serving(config, process_engine, ready=False) as (server, stub, channel):
+            assert await _health(channel) == NOT_SERVING
+            await server.start_serving()  # the warm-up generation runs in the engine process
+            assert await _health(channel) == SERVING
+            got = await replies(stub)
+            info = await stub.GetModelInfo(llm_service_pb2.LlmServiceGetModelInfoRequest())
+            assert info.model_fingerprint == model_fingerprint(ckpt) and info.hidden_size == 64
+        assert got == expected
+        assert got[1][0] == ref_a.output_token_ids and got[1][4] == ref_a.output_token_ids
+        assert len(got[0][0]) == 12 and got[0][1]
+
+    asyncio.run(scenario())
+
+
+def test_engine_process_bad_requests_and_cancelled_streams(llava, process_engine):
+    ckpt, ref_a, _ = llava
+
+    async def scenario():
+        async with _serving(_config(ckpt, engine_process=True), process_engine) as (_, stub, _):
+            # Refused by add_request in the engine process: the status crosses the pipe.
+            for change, fragment in (
+                ({"prompt": "USER: <image>\n" + "hello " * 600}, "at most 512"),
+                ({"multimodal_inputs": [_full(ckpt, ref_a), _full(ckpt, ref_a)]}, "2 image and 0 video input"),
+            ):
+                await _expect_error(
+                    stub.Generate(
+                        llm_service_pb2.GenerateRequest(**{**_request([_full(ckpt, ref_a)]), **change}), timeout=10
+                    ),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    fragment,
+                )
+            reply = await stub.Generate(llm_service_pb2.GenerateRequest(**_request([_by_id(ref_a)])), timeout=30)
+            assert list(reply.token_ids) == ref_a.output_token_ids
+
+            # A stream cancelled after two messages is aborted in the engine process, blocks freed.
+            before = await process_engine.call(process_counters)
+            call = stub.GenerateStream(
+                llm_service_pb2.GenerateStreamRequest(
+                    **_request([_by_id(ref_a)], max_tokens=400, ignore_eos=True)
+                ),
+                timeout=30,
+            )
+            await call.read()
+            await call.read()
+            call.cancel()
+            stats = await _wait_idle_process(process_engine)
+            assert stats.num_running == stats.num_waiting == stats.num_kv_blocks_used == 0
+            after = await process_engine.call(process_counters)
+            assert after["live_aborts"] == before["live_aborts"] + 1
+            assert after["steps"] - before["steps"] < 200, "the request ran on instead of being aborted"
+            with pytest.raises(InternalError, match="pickle"):  # closures do not cross the process boundary
+                await process_engine.call(lambda core: core.has_unfinished_requests())
+            with pytest.raises(InvalidArgumentError, match="exactly one"):  # raised in the engine process
+                await process_engine.call(calls.tokenize_prompt, GenerationInput("no-prompt"))
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_engine_process_fails_requests_with_unavailable(llava):
+    ckpt, ref_a, _ = llava
+    config = _config(ckpt, engine_process=True)
+    engine = ProcessEngineClient(config.engine_config())
+
+    async def scenario():
+        async with _serving(config, engine) as (_, stub, channel):
+            assert await _health(channel) == SERVING
+            call = stub.GenerateStream(
+                llm_service_pb2.GenerateStreamRequest(**_request([_full(ckpt, ref_a)], max_tokens=400, ignore_eos=True)),
+                timeout=30,
+            )
+            await call.read()
+            os.kill(engine.process.pid, signal.SIGKILL)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert "engine process" in info.value.details()
+            await _expect_error(
+                stub.Generate(llm_service_pb2.GenerateRequest(**_request([_by_id(ref_a)])), timeout=10),
+                grpc.StatusCode.UNAVAILABLE,
+                "engine process",
+            )
+            await _expect_error(
+                stub.Tokenize(llm_service_pb2.TokenizeRequest(prompt=PROMPT), timeout=10),
+                grpc.StatusCode.UNAVAILABLE,
+            )
+            deadline = time.monotonic() + 5
+            while await _health(channel) != NOT_SERVING and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert await _health(channel) == NOT_SERVING  # so that an orchestrator restarts the service
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.shutdown(timeout_s=5)
+    assert not engine.process.is_alive() and engine.process.exitcode == -signal.SIGKILL
