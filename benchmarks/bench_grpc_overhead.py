@@ -18,6 +18,12 @@ received, in the process sending them. After one untimed warm-up of each variant
 alternate (A B A B ...) for `--rounds` rounds so drift hits both; the medians give
 overhead_pct = 100 * (1 - grpc_stream / in_process).
 
+`--engine-process` adds a third variant, `grpc_engine_process`: the same service around a
+`ProcessEngineClient` (the service's `--engine-process` mode) whose engine, built in its own process
+from the same seed, has the same random weights; the headline then also reports its overhead
+(`grpc_engine_process_overhead_pct`). Both engines then get a fixed KV cache sized for the load, so
+two 7B engines fit on one 80 GB card.
+
     python benchmarks/bench_grpc_overhead.py --out benchmarks/results          # GPU
     python benchmarks/bench_grpc_overhead.py --tiny --out /tmp/bench           # CPU smoke
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import statistics
 import sys
@@ -56,6 +63,7 @@ if TYPE_CHECKING:
 
 RESULT_FILE = "grpc_overhead.json"
 VARIANTS = ("in_process", "grpc_stream")
+PROCESS_VARIANT = "grpc_engine_process"
 RPC_TIMEOUT_S = 600.0
 T = TypeVar("T")
 
@@ -238,22 +246,29 @@ def build_service(engine: AsyncLLMEngine, config_dir: Path) -> LlmServer:
     """Our LLM service around `engine` on a free loopback port. `config_dir` gets the in-memory model's
     config.json: the service reads its model id and fingerprint (GetModelInfo) from the model directory;
     the weights never touch disk."""
-    from llm_service.config import LlmServiceConfig
     from llm_service.server import build_server
 
     core = engine.core
     core.model.config.save_pretrained(config_dir)
-    # The engine is built already: of the engine fields, only those GetModelInfo reports are set.
-    config = LlmServiceConfig(
+    return build_server(service_config(core, config_dir), engine)
+
+
+def service_config(core, config_dir: Path):
+    """The engine is built already: of the engine fields, only those GetModelInfo reports are set."""
+    from llm_service.config import LlmServiceConfig
+
+    return LlmServiceConfig(
         model_dir=str(config_dir), host="127.0.0.1", port=0, device=core.device.type,
         dtype=str(core.config.torch_dtype).removeprefix("torch."), block_size=core.config.block_size,
         max_num_seqs=core.config.max_num_seqs, max_num_batched_tokens=core.config.max_num_batched_tokens,
     )
-    return build_server(config, engine)
 
 
-async def run_rounds(engine: AsyncLLMEngine, args: argparse.Namespace, vocab_size: int) -> dict:
-    """Serve `engine`, warm both variants up, then alternate them for `args.rounds` rounds."""
+async def run_rounds(
+    engine: AsyncLLMEngine, args: argparse.Namespace, vocab_size: int, variants: Sequence[str] = VARIANTS
+) -> dict:
+    """Serve `engine` (and, for `grpc_engine_process`, an engine in its own process), warm every variant
+    up, then alternate them for `args.rounds` rounds."""
     from llm_setup import random_prompts, word_prompt
 
     num_requests = args.requests_per_concurrency * args.concurrency
@@ -264,29 +279,43 @@ async def run_rounds(engine: AsyncLLMEngine, args: argparse.Namespace, vocab_siz
 
     runs: list[dict] = []
     clients: ClientProcess | None = None
+    process_server: LlmServer | None = None
     with tempfile.TemporaryDirectory() as tmp:
         server = build_service(engine, Path(tmp) / "random-decoder")
+        servers = {"grpc_stream": server}
 
         async def load(variant: str, prompts: list[str], max_tokens: int):
             if variant == "in_process":
                 return await in_process_load(engine, prompts, max_tokens, args.concurrency)
-            job = dict(address=server.address, texts=prompts, max_tokens=max_tokens, concurrency=args.concurrency)
+            job = dict(address=servers[variant].address, texts=prompts, max_tokens=max_tokens,
+                       concurrency=args.concurrency)
             return await (grpc_load(**job) if clients is None else clients.run(**job))
+
+        async def preemptions(variant: str) -> int:
+            from llm_service.engine.calls import engine_stats
+
+            target = servers[variant].engine if variant == PROCESS_VARIANT else engine
+            return (await target.call(engine_stats)).num_preemptions
 
         try:
             await server.start()
             await server.start_serving()  # the service's own warm-up generation, then SERVING
+            if PROCESS_VARIANT in variants:
+                process_server = await build_process_service(engine, args, Path(tmp) / "random-decoder")
+                servers[PROCESS_VARIANT] = process_server
+                await process_server.start()
+                await process_server.start_serving()
             check_same_engine_request(server, texts(1)[0], args.output)
             if not args.inline_clients:
                 clients = ClientProcess()
-            for variant in VARIANTS:  # untimed warm-up at the same concurrency
+            for variant in variants:  # untimed warm-up at the same concurrency
                 await load(variant, texts(args.concurrency), min(args.output, 8))
             for round_index in range(args.rounds):
-                for variant in VARIANTS:
-                    preemptions = engine.stats().num_preemptions
+                for variant in variants:
+                    before = await preemptions(variant)
                     records, elapsed = await load(variant, texts(num_requests), args.output)
                     stats = run_stats(records, elapsed, prompt_len=args.input, max_tokens=args.output)
-                    stats["num_preemptions"] = engine.stats().num_preemptions - preemptions
+                    stats["num_preemptions"] = await preemptions(variant) - before
                     runs.append({"round": round_index, "variant": variant, **stats})
                     print(f"round {round_index}  {variant:<12} {stats['output_tok_s']:>10.1f} tok/s  "
                           f"ttft p50 {stats['ttft_ms_median']:.1f} ms", flush=True)
@@ -294,7 +323,27 @@ async def run_rounds(engine: AsyncLLMEngine, args: argparse.Namespace, vocab_siz
             if clients is not None:
                 clients.close()
             await server.stop_now()
+            if process_server is not None:
+                await process_server.stop_now()
+                process_server.engine.shutdown()
     return {"runs": runs, "num_requests": num_requests}
+
+
+async def build_process_service(engine: AsyncLLMEngine, args: argparse.Namespace, config_dir: Path) -> LlmServer:
+    """The service around a `ProcessEngineClient` whose engine (same config, same seed, so the same
+    random weights) is built in its own process (loaded in a worker thread: the constructor blocks)."""
+    import functools
+
+    from llm_setup import random_engine_core
+
+    from llm_service.engine.engine_process import ProcessEngineClient
+    from llm_service.server import build_server
+
+    core = engine.core
+    config = dataclasses.replace(core.config, model_dir=str(config_dir))
+    factory = functools.partial(random_engine_core, tiny=args.tiny)
+    client = await asyncio.to_thread(ProcessEngineClient, config, core_factory=factory, tokenizer=core.tokenizer)
+    return build_server(service_config(core, config_dir), client)  # on the event loop, as grpc.aio needs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-memory-fraction", type=float, default=0.85)
     parser.add_argument("--enforce-eager", action="store_true", help="our engine without CUDA graphs")
     parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | triton | reference")
+    parser.add_argument("--engine-process", action="store_true",
+                        help=f"also measure the service with its engine in its own process ({PROCESS_VARIANT})")
     args = parser.parse_args(argv)
     args.input = args.input or (16 if args.tiny else 128)
     args.output = args.output or (8 if args.tiny else 128)
@@ -333,20 +384,24 @@ def main(argv: list[str] | None = None) -> int:
     ids = [5, 17, models.config.vocab_size - 1]
     if models.tokenizer(word_prompt(ids), add_special_tokens=False).input_ids != ids:
         raise RuntimeError("the synthetic tokenizer does not map word prompts back to their ids")
+    variants = (*VARIANTS, PROCESS_VARIANT) if args.engine_process else VARIANTS
+    kv = {}
+    if args.engine_process:  # two engines on one card: each gets a fixed cache, twice what the load needs
+        kv["num_kv_blocks"] = 2 * args.concurrency * -(-(args.input + args.output) // 16)
     core = build_engine(
         models, max_num_seqs=args.concurrency, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_memory_fraction=args.kv_memory_fraction, enforce_eager=True if args.enforce_eager else None,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, **kv,
     )
     engine = AsyncLLMEngine(core)  # the one engine object both variants drive
     try:
-        measured = asyncio.run(run_rounds(engine, args, models.config.vocab_size))
+        measured = asyncio.run(run_rounds(engine, args, models.config.vocab_size, variants))
     finally:
         engine.shutdown()
         release(core)
 
     medians = {v: statistics.median(r["output_tok_s"] for r in measured["runs"] if r["variant"] == v)
-               for v in VARIANTS}
+               for v in variants}
     overhead = 100.0 * (1.0 - medians["grpc_stream"] / medians["in_process"])
     shape = (f"{args.input}/{args.output}, concurrency {args.concurrency}, {measured['num_requests']} requests "
              f"per run, median of {args.rounds} alternating runs each")
@@ -380,8 +435,17 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_pct": overhead,
         "headline": {"grpc_overhead_pct_c64": overhead, "shape": shape, "concurrency": args.concurrency,
                      "in_process_tok_s": medians["in_process"], "grpc_stream_tok_s": medians["grpc_stream"]},
+        "variants": list(variants),
         "wall_s": time.perf_counter() - started,
     }
+    if args.engine_process:
+        results["setup"][PROCESS_VARIANT] = (
+            "the same service around a ProcessEngineClient (the service's --engine-process mode): its engine, "
+            "built in a spawned process from the same seed, has the same random weights; same clients")
+        results["headline"]["grpc_engine_process_tok_s"] = medians[PROCESS_VARIANT]
+        results["headline"]["grpc_engine_process_overhead_pct"] = 100.0 * (1.0 - medians[PROCESS_VARIANT]
+                                                                            / medians["in_process"])
+        results["engine"]["num_kv_blocks"] = kv["num_kv_blocks"]
     write_json(args.out / RESULT_FILE, results)
     print_table(results)
     save_plot(args.out / "grpc_overhead.png", lambda plt: draw(plt, results))
@@ -390,20 +454,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict) -> None:
     print(f"{results['device']}  {results['dtype']}  {results['headline']['shape']}")
-    print(f"{'variant':<12}" + "".join(f"{'run ' + str(i):>11}" for i in range(results["shape"]["rounds"]))
+    print(f"{'variant':<20}" + "".join(f"{'run ' + str(i):>11}" for i in range(results["shape"]["rounds"]))
           + f"{'median':>11}  output tok/s")
-    for variant in VARIANTS:
+    for variant in results["variants"]:
         cells = [r["output_tok_s"] for r in results["runs"] if r["variant"] == variant]
-        print(f"{variant:<12}" + "".join(f"{v:>11.1f}" for v in cells)
+        print(f"{variant:<20}" + "".join(f"{v:>11.1f}" for v in cells)
               + f"{results['median_output_tok_s'][variant]:>11.1f}")
     print(f"gRPC overhead: {results['overhead_pct']:.2f} % of in-process tok/s (target <= 5 %)")
+    if "grpc_engine_process_overhead_pct" in results["headline"]:
+        print(f"gRPC overhead with the engine in its own process: "
+              f"{results['headline']['grpc_engine_process_overhead_pct']:.2f} %")
 
 
 def draw(plt, results: dict):
     fig, ax = plt.subplots(figsize=(5, 4))
-    medians = [results["median_output_tok_s"][v] for v in VARIANTS]
-    ax.bar(VARIANTS, medians, color=["tab:blue", "tab:orange"], alpha=0.8, label="median")
-    for i, variant in enumerate(VARIANTS):
+    variants = results["variants"]
+    medians = [results["median_output_tok_s"][v] for v in variants]
+    ax.bar(variants, medians, color=["tab:blue", "tab:orange", "tab:green"][: len(variants)], alpha=0.8,
+           label="median")
+    for i, variant in enumerate(variants):
         runs = [r["output_tok_s"] for r in results["runs"] if r["variant"] == variant]
         ax.scatter([i] * len(runs), runs, color="black", s=14, zorder=3, label="runs" if i == 0 else None)
     ax.set_ylabel("output tok/s")

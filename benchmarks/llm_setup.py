@@ -110,6 +110,14 @@ def build_engine(models: Models, **engine_kwargs) -> EngineCore:
     return EngineCore.from_model(models.ours, models.tokenizer, config)
 
 
+def random_engine_core(config: EngineConfig, *, tiny: bool, seed: int = 0) -> EngineCore:
+    """`build_models` + `EngineCore.from_model` in one picklable call: the engine that
+    `ProcessEngineClient(core_factory=functools.partial(random_engine_core, tiny=...))` builds inside
+    its own process, with the same random weights (same seed) as one built here."""
+    models = build_models(tiny=tiny, device=config.device, dtype=config.torch_dtype, seed=seed)
+    return EngineCore.from_model(models.ours, models.tokenizer, config)
+
+
 def release(engine: EngineCore | None) -> None:
     """Free an engine's KV cache and CUDA graphs (the shared weights stay) before the next system runs.
     The engine is unusable afterwards."""

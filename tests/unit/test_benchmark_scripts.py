@@ -84,15 +84,17 @@ def test_multimodal_benchmark_smoke(scripts, tmp_path):
 
 
 def test_grpc_overhead_benchmark_smoke(scripts, tmp_path):
-    """One engine in-process and behind the real gRPC servicer (clients in a spawned process), A B A B."""
+    """One engine in-process and behind the real gRPC servicer (clients in a spawned process), and the
+    service with its engine in its own process (--engine-process), alternated A B C A B C."""
     out = tmp_path / "results"
     assert scripts("bench_grpc_overhead").main([
         "--tiny", "--device", "cpu", "--out", str(out), "--concurrency", "4", "--input", "8", "--output", "4",
-        "--requests-per-concurrency", "2", "--rounds", "2",
+        "--requests-per-concurrency", "2", "--rounds", "2", "--engine-process",
     ]) == 0
     path = out / "grpc_overhead.json"
     data = json.loads(path.read_text())
-    assert [r["variant"] for r in data["runs"]] == ["in_process", "grpc_stream"] * 2
+    assert [r["variant"] for r in data["runs"]] == ["in_process", "grpc_stream", "grpc_engine_process"] * 2
+    assert isinstance(data["headline"]["grpc_engine_process_overhead_pct"], float)
     assert all(r["output_tokens"] == 8 * 4 and r["output_tok_s"] > 0 for r in data["runs"])
     headline = data["headline"]
     assert isinstance(headline["grpc_overhead_pct_c64"], float) and headline["concurrency"] == 4
