@@ -71,6 +71,30 @@ class _Collector:
                     raise self._error
 
 
+async def stream_outputs(
+    request_id: str, added: Future[None], collector: _Collector, abort: Callable[[str], None]
+) -> AsyncIterator[RequestOutput]:
+    """A request's outputs once its add is queued: wait for the add (its errors raise here), then yield
+    until the finishing output. Cancelled or closed early, the request is aborted (`abort` is queued
+    after the add, so it undoes the add if that went through)."""
+    try:
+        await asyncio.wrap_future(added)
+    except asyncio.CancelledError:
+        abort(request_id)
+        raise
+    finished = False
+    try:
+        while True:
+            output = await collector.get()
+            finished = output.is_finished
+            yield output
+            if finished:
+                return
+    finally:
+        if not finished:
+            abort(request_id)
+
+
 def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     return replace(
         new,
@@ -113,22 +137,10 @@ class AsyncLLMEngine:
             added.set_result(None)
 
         self._commands.put(add)
-        try:
-            await asyncio.wrap_future(added)
-        except asyncio.CancelledError:
-            self.abort(inp.request_id)  # queued after `add`, so it undoes it if the add went through
-            raise
-        finished = False
-        try:
-            while True:
-                output = await collector.get()
-                finished = output.is_finished
+        # aclosing: closing this generator early closes the inner one at once, which aborts the request
+        async with contextlib.aclosing(stream_outputs(inp.request_id, added, collector, self.abort)) as outputs:
+            async for output in outputs:
                 yield output
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(inp.request_id)
 
     @property
     def tokenizer(self):

@@ -26,6 +26,7 @@ If the engine process dies, every request in flight and every later call gets UN
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -40,7 +41,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from llm_service.engine.async_engine import _Collector
+from llm_service.engine.async_engine import _Collector, stream_outputs
 from vlm_protocol.errors import InternalError, InvalidArgumentError, UnavailableError
 
 if TYPE_CHECKING:
@@ -280,22 +281,10 @@ class ProcessEngineClient:
             self._collectors[request_id] = collector
             self._adds[request_id] = added
         self._outbox.put(("add", inp))
-        try:
-            await asyncio.wrap_future(added)
-        except asyncio.CancelledError:
-            self.abort(request_id)  # queued after `add`, so it undoes it if the add went through
-            raise
-        finished = False
-        try:
-            while True:
-                output = await collector.get()
-                finished = output.is_finished
+        # aclosing: closing this generator early closes the inner one at once, which aborts the request
+        async with contextlib.aclosing(stream_outputs(request_id, added, collector, self.abort)) as outputs:
+            async for output in outputs:
                 yield output
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(core, *args)` in the engine process between steps. `fn` and `args` must pickle:
