@@ -176,11 +176,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def add_request(self, request: Request, embeddings: Sequence[MultimodalEmbedding]) -> None:
-        tables = {
-            e.content_id: e.features.to(device=self.device, dtype=self.dtype)
-            for e in embeddings
-            if e.kind == PROMPT_TABLE
-        }
+        # Held where they arrived (host): uploaded by the first chunk that injects rows of them, so
+        # a prompt served from the prefix cache never copies its image, and adding a request never
+        # waits on a pageable copy behind the running step.
+        tables = {e.content_id: e.features for e in embeddings if e.kind == PROMPT_TABLE}
         if tables:
             self._prompt_tables[request.request_id] = tables
         cross = [e for e in embeddings if e.kind == CROSS_ATTENTION]
@@ -334,7 +333,10 @@ class ModelRunner:
                 dst = query_start_loc[i] + span.offset + lo - chunk.start_position
                 if tables is None or span.content_id not in tables:
                     raise RuntimeError(f"request {chunk.request_id}: no embedding held for {span.content_id}")
-                embeds[dst : dst + hi - lo] = tables[span.content_id][lo:hi]
+                table = tables[span.content_id]
+                if table.device != embeds.device or table.dtype != embeds.dtype:
+                    table = tables[span.content_id] = to_device(table.to(embeds.dtype), embeds.device)
+                embeds[dst : dst + hi - lo] = table[lo:hi]
 
     def _cross_inputs(self, chunks, positions: torch.Tensor, meta: AttentionMetadata) -> CrossAttentionInputs | None:
         states = [self._cross.get(c.request_id) for c in chunks]
