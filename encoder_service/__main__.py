@@ -17,6 +17,7 @@ from pathlib import Path
 
 from encoder_service.config import (
     COMPILE_MODES,
+    COMPILE_SCOPES,
     COMPUTE_DTYPES,
     OUTPUT_DTYPES,
     SDPA_BACKENDS,
@@ -30,6 +31,8 @@ from vlm_protocol.sizes import parse_bytes
 logger = logging.getLogger("encoder_service")
 
 ENV_PREFIX = "VLM_ENCODER_"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-encoder",
@@ -60,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode (default)"
+    )
+    model.add_argument(
+        "--compile-scope",
+        default="model",
+        choices=COMPILE_SCOPES,
+        help="what one compiled graph covers: the whole tower + projector (model), or one encoder layer, "
+        "shared by all layers, plus the projector (layer: compiles ~20x faster; modes without CUDA "
+        "graphs only; default: model)",
     )
     model.add_argument(
         "--compile-buckets",
@@ -182,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
         max_batch_size=args.max_batch_size,
         compile=args.compile,
         compile_mode=args.compile_mode,
+        compile_scope=args.compile_scope,
         compile_buckets=args.compile_buckets,
         sdpa_backend=args.sdpa_backend,
         max_queue_delay_ms=args.max_queue_delay_ms,

@@ -20,6 +20,10 @@ OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 # torch.compile modes and SDPA kernel families (engines/compiled.py; kept here so that parsing the
 # configuration needs no torch)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+CUDAGRAPH_COMPILE_MODES = ("max-autotune", "reduce-overhead")  # modes that replay CUDA graphs
+# what one torch.compile call covers: the whole tower + projector, or each encoder layer and the
+# projector apart (the layers share one graph: compiles ~20x faster, lets max-autotune finish)
+COMPILE_SCOPES = ("model", "layer")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -138,6 +142,9 @@ class EncoderConfig:
         OneVision only, not with engine_dir. CPU always runs eager.
       compile_mode: torch.compile mode (default, max-autotune-no-cudagraphs, max-autotune,
         reduce-overhead).
+      compile_scope: "model" (one graph of the whole tower + projector per bucket) or "layer" (each
+        encoder layer and the projector compiled apart; the layers share one graph). "layer" takes
+        the modes without CUDA graphs only (default, max-autotune-no-cudagraphs).
       compile_buckets: batch sizes compiled (tower rows: images, or OneVision crops/frames); smaller
         batches are padded up to the next one, larger ones run in chunks of the largest. None: powers
         of two below max_batch_size, and max_batch_size.
@@ -163,6 +170,7 @@ class EncoderConfig:
     max_batch_size: int = 8
     compile: bool = True
     compile_mode: str = "default"
+    compile_scope: str = "model"
     compile_buckets: tuple[int, ...] | None = None
     sdpa_backend: str = "auto"
     max_queue_delay_ms: float = 2.0
@@ -197,6 +205,7 @@ class EncoderConfig:
             raise InvalidArgumentError(
                 f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
             )
+        check_compile_scope(self.compile_scope, self.compile_mode, error=InvalidArgumentError)
         if self.sdpa_backend not in SDPA_BACKENDS:
             raise InvalidArgumentError(
                 f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}"
@@ -243,6 +252,17 @@ def default_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
         buckets.append(size)
         size *= 2
     return (*buckets, max_batch_size)
+
+
+def check_compile_scope(scope: str, mode: str, *, error: type[Exception] = ValueError) -> None:
+    """Raise `error` unless `scope` is known and goes with `mode` (no CUDA graphs per layer: not measured)."""
+    if scope not in COMPILE_SCOPES:
+        raise error(f"compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
+    if scope == "layer" and mode in CUDAGRAPH_COMPILE_MODES:
+        raise error(
+            f"compile_scope 'layer' runs without CUDA graphs; use compile_mode default or "
+            f"max-autotune-no-cudagraphs, not {mode!r}"
+        )
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -104,7 +104,7 @@ def load_engine(config: EncoderConfig) -> VisualEngine:
     settings = fast_path_settings(config)
     if settings is not None and engine.enable_fast_path(settings):
         how = (
-            f"torch.compile mode={settings.mode}, batch buckets {list(settings.buckets)}"
+            f"torch.compile mode={settings.mode} scope={settings.scope}, batch buckets {list(settings.buckets)}"
             if settings.compile
             else "eager"
         )
@@ -140,6 +140,7 @@ def fast_path_settings(config: EncoderConfig) -> CompileSettings | None:
         mode=config.compile_mode,
         buckets=config.batch_buckets if config.compile else (),
         sdpa_backend=config.sdpa_backend,
+        scope=config.compile_scope,
     )
 
 

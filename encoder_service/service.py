@@ -69,15 +69,19 @@ class EncoderService(encoder_service_pb2_grpc.EncoderServiceServicer):
             request.output_dtype, self._config.default_output_dtype
         )
         records = self._pipeline.lookup(content_ids)
-        return await self._pipeline.run_cpu(
-            lambda: convert.lookup_response(
+
+        def respond() -> encoder_service_pb2.LookupEmbeddingsResponse:
+            return convert.lookup_response(
                 content_ids,
                 records,
                 self._pipeline,
                 return_embeddings=request.return_embeddings,
                 output_dtype=output_dtype,
             )
-        )
+
+        if request.return_embeddings and any(record is not None for record in records):
+            return await self._pipeline.run_cpu(respond)  # megabytes of tensors to copy: off the loop
+        return respond()  # ids only: cheaper than the hop to a worker thread
 
     @handle_rpc_errors
     async def GetModelInfo(

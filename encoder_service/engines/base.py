@@ -236,14 +236,8 @@ class VisualEngine(abc.ABC):
         if self.device.type != "cuda":
             pixel_values = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
             return pixel_values.to(device=self.device, dtype=self.dtype)
-        rows = sum(t.shape[0] for t in tensors)
-        staging = torch.empty((rows, *tensors[0].shape[1:]), dtype=self.dtype, pin_memory=True)
-        start = 0
-        for tensor in tensors:
-            staging[start : start + tensor.shape[0]].copy_(tensor)
-            start += tensor.shape[0]
-        # the pinned-memory cache keeps `staging` from reuse until the copy has run
-        return staging.to(self.device, non_blocking=True)
+        # the pinned-memory cache keeps the staging buffer from reuse until the copy has run
+        return pinned_batch(tensors, self.dtype).to(self.device, non_blocking=True)
 
     # -- the CUDA fast path -----------------------------------------------------------------------
 
@@ -260,6 +254,8 @@ class VisualEngine(abc.ABC):
             return False
         if not getattr(compute, "supports_compile", False):
             return False
+        if settings.compile and settings.scope == "layer" and not hasattr(compute, "compiled_regions"):
+            return False
         self.compute = BucketedCompute(compute, settings)
         return True
 
@@ -273,6 +269,18 @@ class VisualEngine(abc.ABC):
 
 
 HOST_COPY_CHUNKS = 4  # device-to-host copies in flight while earlier rows are copied out
+
+
+def pinned_batch(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """CPU tensors concatenated along dim 0 into one new page-locked buffer, converted to `dtype` on
+    the host (the upload half of `VisualEngine._tower_batch` on CUDA)."""
+    rows = sum(t.shape[0] for t in tensors)
+    staging = torch.empty((rows, *tensors[0].shape[1:]), dtype=dtype, pin_memory=True)
+    start = 0
+    for tensor in tensors:
+        staging[start : start + tensor.shape[0]].copy_(tensor)
+        start += tensor.shape[0]
+    return staging
 
 
 def rows_to_host(features: torch.Tensor) -> list[torch.Tensor]:
@@ -310,6 +318,28 @@ def rows_to_host(features: torch.Tensor) -> list[torch.Tensor]:
     return rows
 
 
+def tensors_to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Distinct tensors of one device, any shapes -> CPU tensors, each in its own pageable storage.
+
+    CUDA: every tensor goes to its own pinned staging buffer asynchronously, then ONE wait for the
+    device, then the copies out (a `rows_to_host` per tensor would wait once per tensor). CPU: a
+    tensor that already owns its storage is returned as it is, any other is copied.
+    """
+    if not tensors:
+        return []
+    if tensors[0].device.type != "cuda":
+        return [t if _owns_storage(t) else _host_copy(t) for t in tensors]
+    staged = []
+    for tensor in tensors:
+        staging = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        staging.copy_(tensor, non_blocking=True)
+        staged.append(staging)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(tensors[0].device))
+    copied.synchronize()
+    return [_host_copy(staging) for staging in staged]
+
+
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A pageable, contiguous copy (`clone` of a pinned tensor is not guaranteed to be pageable)."""
     out = torch.empty(tensor.shape, dtype=tensor.dtype)
@@ -319,8 +349,7 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 def _owns_storage(tensor: torch.Tensor) -> bool:
     return (
-        tensor.is_contiguous()
-        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     )
 
 

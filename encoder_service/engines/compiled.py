@@ -16,6 +16,13 @@ does up to twice its work; finer buckets (`--compile-buckets 1,2,4,8,16,24,32,48
 the price of start-up time, one compile per bucket (tens of seconds each for ViT-L; Inductor's
 on-disk cache makes restarts cheaper).
 
+`scope` says what one torch.compile call covers. "model": the whole compute, one graph per bucket.
+"layer": each encoder layer and the projector apart (`TowerProjector.compiled_regions`); the layers
+share one graph, whose weights are inputs, so a bucket costs one layer's compile plus the projector's
+(~20x less for ViT-L's 23 layers), and max-autotune tunes a handful of GEMM shapes instead of timing
+out. The price: a guard check and a Python call per layer (measured by benchmarks/bench_encoder.py),
+and no fusion across layer boundaries. CUDA-graph modes are not offered per layer.
+
 `sdpa_backend` pins `scaled_dot_product_attention` to one kernel family (flash, efficient, cudnn,
 math) for every call and for compilation (the choice is baked into the compiled graph).
 """
@@ -31,11 +38,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from encoder_service.config import COMPILE_MODES, SDPA_BACKENDS, default_batch_buckets
+from encoder_service.config import (
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    CUDAGRAPH_COMPILE_MODES,
+    SDPA_BACKENDS,
+    check_compile_scope,
+    default_batch_buckets,
+)
 from encoder_service.engines.base import ComputeInput
 
 __all__ = [
     "COMPILE_MODES",
+    "COMPILE_SCOPES",
     "SDPA_BACKENDS",
     "BucketedCompute",
     "CompileSettings",
@@ -46,7 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CUDAGRAPH_MODES = frozenset({"max-autotune", "reduce-overhead"})  # modes whose outputs a replay overwrites
+CUDAGRAPH_MODES = frozenset(CUDAGRAPH_COMPILE_MODES)  # modes whose outputs a replay overwrites
 
 
 @dataclass(frozen=True)
@@ -58,18 +73,24 @@ class CompileSettings:
     buckets: batch sizes (rows of the compute's inputs) compiled, ascending; empty: inputs run at
         their own size (only sensible without compile, e.g. to pin the SDPA backend of eager runs).
     sdpa_backend: "auto" (PyTorch's choice) or one SDPA kernel family.
+    scope: "model" (one graph of the whole compute) or "layer" (each encoder layer and the
+        projector compiled apart, one graph shared by the layers; no CUDA-graph modes).
     """
 
     compile: bool = True
     mode: str = "default"
     buckets: tuple[int, ...] = (1, 2, 4, 8)
     sdpa_backend: str = "auto"
+    scope: str = "model"
 
     def __post_init__(self) -> None:
         if self.mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {self.mode!r}")
+        check_compile_scope(self.scope, self.mode)
         if self.sdpa_backend not in SDPA_BACKENDS:
-            raise ValueError(f"sdpa backend must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+            raise ValueError(
+                f"sdpa backend must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}"
+            )
         object.__setattr__(self, "buckets", normalize_buckets(self.buckets))
         if self.compile and not self.buckets:
             raise ValueError("compiling needs at least one batch bucket")
@@ -114,11 +135,14 @@ Compiler = Callable[..., Callable[..., torch.Tensor]]
 class BucketedCompute(nn.Module):
     """`module` run at fixed batch sizes, optionally compiled (one static graph per bucket).
 
-    `compiler` is `torch.compile` (tests pass a fake); it is called once, with `dynamic=False`, and
-    the result is called with bucket-sized inputs only. Every input is batched along dim 0.
+    `compiler` is `torch.compile` (tests pass a fake), called with `mode` and `dynamic=False`: once on
+    `module` (scope "model"), or once per region (scope "layer": `module.compiled_regions`). The result
+    is called with bucket-sized inputs only. Every input is batched along dim 0.
     """
 
-    def __init__(self, module: nn.Module, settings: CompileSettings, *, compiler: Compiler | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, settings: CompileSettings, *, compiler: Compiler | None = None
+    ) -> None:
         super().__init__()
         self.module = module
         self.settings = settings
@@ -127,9 +151,8 @@ class BucketedCompute(nn.Module):
         self.fallback_reason: str | None = None  # why compiled code was given up for eager, if it was
         runner: Callable[..., torch.Tensor] = module
         if settings.compile:
-            _allow_recompiles(len(self.buckets))
-            compile_fn = compiler if compiler is not None else torch.compile
-            runner = compile_fn(module, mode=settings.mode, dynamic=False)
+            _allow_recompiles(len(self.buckets))  # per code object: each region has one graph per bucket
+            runner = _compile(module, settings, compiler if compiler is not None else torch.compile)
         # not a child module: the compiled wrapper would list the same parameters a second time
         self.__dict__["_runner"] = runner
         self._cudagraphs = settings.compile and settings.mode in CUDAGRAPH_MODES
@@ -151,7 +174,9 @@ class BucketedCompute(nn.Module):
             if rows <= largest:
                 return self._run_padded(inputs, rows)
             chunks = [
-                self._run_padded(tuple(t[start : start + largest] for t in inputs), min(largest, rows - start))
+                self._run_padded(
+                    tuple(t[start : start + largest] for t in inputs), min(largest, rows - start)
+                )
                 for start in range(0, rows, largest)
             ]
         return torch.cat(chunks)
@@ -186,7 +211,9 @@ class BucketedCompute(nn.Module):
                 except Exception as exc:
                     if self.__dict__["_runner"] is self.module:
                         raise  # eager itself fails: nothing to fall back to
-                    logger.exception("torch.compile failed for batch bucket %d; the engine runs eager", bucket)
+                    logger.exception(
+                        "torch.compile failed for batch bucket %d; the engine runs eager", bucket
+                    )
                     self.fallback_reason = f"{type(exc).__name__}: {exc}"
                     self.__dict__["_runner"] = self.module
                     self._cudagraphs = False
@@ -196,13 +223,29 @@ class BucketedCompute(nn.Module):
                     "visual engine bucket %d ready in %.1f s (%s)",
                     bucket,
                     self.compile_seconds[bucket],
-                    f"torch.compile mode={self.settings.mode}" if self.compiled else "eager",
+                    f"torch.compile mode={self.settings.mode} scope={self.settings.scope}"
+                    if self.compiled
+                    else "eager",
                 )
 
     @property
     def compiled(self) -> bool:
         """Whether calls go through the compiled module (False without compile or after a fallback)."""
         return self.__dict__["_runner"] is not self.module
+
+
+def _compile(module: nn.Module, settings: CompileSettings, compiler: Compiler) -> Callable[..., torch.Tensor]:
+    """`module` compiled whole (scope "model") or region by region (scope "layer")."""
+
+    def compile_region(region: nn.Module) -> Callable[..., torch.Tensor]:
+        return compiler(region, mode=settings.mode, dynamic=False)
+
+    if settings.scope == "model":
+        return compile_region(module)
+    regions = getattr(module, "compiled_regions", None)
+    if regions is None:
+        raise ValueError(f"{type(module).__name__} cannot be compiled per layer; use scope 'model'")
+    return regions(compile_region)
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

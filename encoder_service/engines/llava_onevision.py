@@ -38,7 +38,7 @@ from encoder_service.engines.base import (
     PreparedInput,
     VisualEngine,
     frozen_parameters,
-    rows_to_host,
+    tensors_to_host,
 )
 from encoder_service.engines.towers import LayerSelectingTower, TowerProjector
 from encoder_service.engines.weights import CheckpointTensors, load_module_weights, load_tensor
@@ -192,7 +192,7 @@ class LlavaOnevisionEngine(VisualEngine):
             return []
         features = self.compute(self._tower_batch(batch))  # [all crops and frames, side * side, llm_hidden]
         newline = self.params["image_newline"]
-        outputs, start = [], 0
+        packed, start = [], 0  # (input_index, item_index, num_crops, rows on the device)
         for input_index, prepared in enumerate(batch):
             for item_index, num_crops in enumerate(prepared.num_crops):
                 crops = features[start : start + num_crops]
@@ -205,18 +205,23 @@ class LlavaOnevisionEngine(VisualEngine):
                     rows = pack_anyres(crops, size, grid, self.side, self.max_num_crops, newline)
                 else:
                     rows = torch.cat([crops[0], newline[None]])
-                outputs.append(
-                    EncodedOutput(
-                        features=rows_to_host(rows[None])[0],
-                        media=prepared.media,
-                        input_index=input_index,
-                        item_index=item_index,
-                        num_rows=rows.shape[0],
-                        num_crops=num_crops,
-                        image_size=size,
-                        num_frames=num_crops if prepared.media == "video" else 0,
-                    )
+                packed.append((input_index, item_index, num_crops, rows))
+        host_rows = tensors_to_host([rows for *_, rows in packed])  # one wait for the device per batch
+        outputs = []
+        for (input_index, item_index, num_crops, _), rows in zip(packed, host_rows, strict=True):
+            prepared = batch[input_index]
+            outputs.append(
+                EncodedOutput(
+                    features=rows,
+                    media=prepared.media,
+                    input_index=input_index,
+                    item_index=item_index,
+                    num_rows=rows.shape[0],
+                    num_crops=num_crops,
+                    image_size=prepared.image_sizes[item_index],
+                    num_frames=num_crops if prepared.media == "video" else 0,
                 )
+            )
         return outputs
 
 

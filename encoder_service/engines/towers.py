@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -73,7 +73,9 @@ class FusedSelfAttention(nn.Module):
         batch, tokens, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, tokens, head_dim]
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scale)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=self.scale
+        )
         attended = attended.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return self.out_proj(attended), None
 
@@ -137,7 +139,15 @@ class LayerSelectingTower(nn.Module):
             return self._walk(pixel_values)
         return self._hooked_forward(pixel_values)
 
-    def _walk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        """The kept encoder layers, in order."""
+        return _encoder_layers(self.tower)
+
+    def _walk(
+        self, pixel_values: torch.Tensor, layers: Sequence[Callable[..., torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """The layer walk; `layers` stand in for the encoder layers (compiled ones, `RegionalForward`)."""
         inner = _inner(self.tower)
         hidden = inner.embeddings(pixel_values)
         pre_layernorm = getattr(inner, "pre_layrnorm", None)  # CLIP only (HF's spelling)
@@ -145,7 +155,7 @@ class LayerSelectingTower(nn.Module):
             hidden = pre_layernorm(hidden)
         wanted = set(self.layer_indices)
         captured: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(inner.encoder.layers, start=1):
+        for index, layer in enumerate(inner.encoder.layers if layers is None else layers, start=1):
             hidden = layer(hidden, None)
             if isinstance(hidden, tuple):  # layers of some transformers versions return (hidden, ...)
                 hidden = hidden[0]
@@ -230,8 +240,50 @@ class TowerProjector(nn.Module):
     def supports_compile(self) -> bool:
         return self.vision_tower.walks_layers
 
+    @property
+    def projector_module(self) -> nn.Module:
+        """The projector, registered under its role's name (`projector_role`)."""
+        return getattr(self, self.projector_role)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_tower(pixel_values)  # [N, 1 + P, vision_hidden * layers]
+        return self._project(self.vision_tower(pixel_values), self.projector_module)
+
+    def _project(
+        self, hidden: torch.Tensor, projector: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        # hidden [N, 1 + P, vision_hidden * layers] -> [N, rows, llm_hidden]
         if self.drop_cls:
             hidden = hidden[:, 1:]
-        return getattr(self, self.projector_role)(hidden)  # [N, rows, llm_hidden]
+        return projector(hidden)
+
+    def compiled_regions(
+        self, compile_region: Callable[[nn.Module], Callable[..., torch.Tensor]]
+    ) -> RegionalForward:
+        """This forward with each encoder layer and the projector compiled apart (`RegionalForward`)."""
+        return RegionalForward(self, compile_region)
+
+
+class RegionalForward:
+    """`TowerProjector.forward` with every encoder layer and the projector run through a region
+    compiled on its own, `compile_region(module)` (torch.compile in the service).
+
+    The layers are instances of one class whose weights Dynamo passes as graph inputs, so the first
+    layer's graph serves all of them: compiling costs about one layer plus the projector instead of
+    the whole tower (and max-autotune tunes a handful of GEMM shapes). The embeddings, CLIP's
+    pre-layernorm and the CLS drop run eager (a few small kernels). Not a module: the weights stay
+    listed once, under `compute`; nothing of `compute` is changed, so dropping this object returns
+    to eager.
+    """
+
+    def __init__(
+        self, compute: TowerProjector, compile_region: Callable[[nn.Module], Callable[..., torch.Tensor]]
+    ) -> None:
+        if not compute.supports_compile:
+            raise ValueError("regional compilation needs a tower that walks its layers")
+        self.compute = compute
+        self.layers = [compile_region(layer) for layer in compute.vision_tower.encoder_layers]
+        self.projector = compile_region(compute.projector_module)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.compute.vision_tower._walk(pixel_values, self.layers)
+        return self.compute._project(hidden, self.projector)  # [N, rows, llm_hidden]

@@ -18,11 +18,12 @@ from torch import nn
 from encoder_service.__main__ import parse_config
 from encoder_service.config import EncoderConfig, default_batch_buckets
 from encoder_service.engines import MediaInput, load_visual_engine
-from encoder_service.engines.base import PreparedInput, rows_to_host
+from encoder_service.engines.base import PreparedInput, rows_to_host, tensors_to_host
 from encoder_service.engines.compiled import BucketedCompute, CompileSettings, parse_buckets
 from encoder_service.engines.towers import LayerSelectingTower
 from encoder_service.server import build_server, fast_path_settings
 from tests.encoder.fakes import FakeEngine, fake_checkpoint
+from vlm_protocol.errors import InvalidArgumentError
 from vlm_protocol.grpc_server import ServerConfig
 
 # -- configuration ----------------------------------------------------------------------------------------
@@ -37,7 +38,9 @@ def test_default_buckets_are_powers_of_two_up_to_the_batch_limit(max_batch, buck
 
 
 def test_compile_is_on_by_default_with_buckets_from_the_batch_limit(tmp_path):
-    config, _ = parse_config(["--model", str(fake_checkpoint(tmp_path / "m")), "--max-batch-size", "16"], environ={})
+    config, _ = parse_config(
+        ["--model", str(fake_checkpoint(tmp_path / "m")), "--max-batch-size", "16"], environ={}
+    )
     assert config.compile and config.compile_mode == "default" and config.sdpa_backend == "auto"
     assert config.compile_buckets is None and config.batch_buckets == (1, 2, 4, 8, 16)
 
@@ -54,6 +57,16 @@ def test_compile_flags(tmp_path):
     assert not config.compile and config.compile_mode == "max-autotune-no-cudagraphs"
     assert config.compile_buckets == (1, 4, 8) == config.batch_buckets and config.sdpa_backend == "cudnn"
 
+    assert config.compile_scope == "model"  # the default: one graph of the whole compute
+
+    config, _ = parse_config(
+        ["--model", model, "--compile-scope", "layer", "--compile-mode", "max-autotune-no-cudagraphs"],
+        environ={},
+    )
+    assert config.compile_scope == "layer" and config.compile_mode == "max-autotune-no-cudagraphs"
+    config, _ = parse_config(["--model", model], environ={"VLM_ENCODER_COMPILE_SCOPE": "layer"})
+    assert config.compile_scope == "layer"
+
     environ = {"VLM_ENCODER_COMPILE": "false", "VLM_ENCODER_COMPILE_BUCKETS": "2,16"}
     config, _ = parse_config(["--model", model], environ=environ)
     assert not config.compile and config.batch_buckets == (2, 16)
@@ -63,7 +76,14 @@ def test_compile_flags(tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--compile-buckets", "0,2"], ["--compile-buckets", "two"], ["--compile-mode", "fast"], ["--sdpa-backend", "x"]],
+    [
+        ["--compile-buckets", "0,2"],
+        ["--compile-buckets", "two"],
+        ["--compile-mode", "fast"],
+        ["--sdpa-backend", "x"],
+        ["--compile-scope", "block"],
+        ["--compile-scope", "layer", "--compile-mode", "reduce-overhead"],  # no CUDA graphs per layer
+    ],
 )
 def test_bad_compile_flags_are_usage_errors(tmp_path, argv, capsys):
     with pytest.raises(SystemExit):
@@ -76,14 +96,18 @@ def test_fast_path_only_on_cuda_and_never_for_an_exported_engine(tmp_path):
     settings = fast_path_settings(EncoderConfig(model_dir=model, device="cuda:1", max_batch_size=4))
     assert settings == CompileSettings(compile=True, mode="default", buckets=(1, 2, 4), sdpa_backend="auto")
     assert fast_path_settings(EncoderConfig(model_dir=model, device="cuda", compile=False)) is None
-    pinned = fast_path_settings(EncoderConfig(model_dir=model, device="cuda", compile=False, sdpa_backend="flash"))
+    layer = fast_path_settings(EncoderConfig(model_dir=model, device="cuda", compile_scope="layer"))
+    assert layer is not None and layer.scope == "layer"
+    pinned = fast_path_settings(
+        EncoderConfig(model_dir=model, device="cuda", compile=False, sdpa_backend="flash")
+    )
     assert pinned == CompileSettings(compile=False, buckets=(), sdpa_backend="flash")  # eager, SDPA pinned
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
     assert fast_path_settings(EncoderConfig(model_dir=model, device="cuda", engine_dir=engine_dir)) is None
 
 
-def test_compile_settings_validate():
+def test_compile_settings_validate(tmp_path):
     assert parse_buckets("4, 1,2") == (1, 2, 4)
     for text in ("", "a", "0"):
         with pytest.raises(ValueError):
@@ -92,6 +116,15 @@ def test_compile_settings_validate():
         CompileSettings(mode="turbo")
     with pytest.raises(ValueError):
         CompileSettings(compile=True, buckets=())
+    with pytest.raises(ValueError):
+        CompileSettings(scope="block")
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="without CUDA graphs"):
+            CompileSettings(scope="layer", mode=mode)
+    with pytest.raises(InvalidArgumentError):
+        EncoderConfig(
+            model_dir=fake_checkpoint(tmp_path / "m"), compile_scope="layer", compile_mode="max-autotune"
+        )
 
 
 # -- BucketedCompute --------------------------------------------------------------------------------------
@@ -182,7 +215,8 @@ def test_buckets_give_the_features_of_unpadded_eager(llava):
         expected = llava.compute(x)
         got = bucketed(x)
         assert got.shape == expected.shape
-        assert (got - expected).abs().max().item() <= 1e-5, rows  # BLAS may block other batch sizes differently
+        # BLAS may block other batch sizes differently
+        assert (got - expected).abs().max().item() <= 1e-5, rows
 
 
 def test_engine_encode_through_buckets_equals_eager(tiny_checkpoint, llava):
@@ -197,7 +231,9 @@ def test_engine_encode_through_buckets_equals_eager(tiny_checkpoint, llava):
     for ours, theirs in zip(got, expected, strict=True):
         assert (ours.features - theirs.features).abs().max().item() <= 1e-5
     # the wrapper keeps the engine's roles and weights
-    assert sorted(fast.submodules()) == sorted(llava.submodules()) == ["multi_modal_projector", "vision_tower"]
+    assert (
+        sorted(fast.submodules()) == sorted(llava.submodules()) == ["multi_modal_projector", "vision_tower"]
+    )
     assert fast.num_parameters() == llava.num_parameters()
 
 
@@ -226,6 +262,90 @@ def test_load_engine_stays_eager_on_cpu_with_compile_on(tiny_checkpoint):
     assert not isinstance(engine.compute, BucketedCompute)
 
 
+# -- regional compile (scope "layer") --------------------------------------------------------------------
+
+
+def _dynamo_only(module, *, mode, dynamic):
+    """torch.compile with Dynamo's tracing and caching but no Inductor: fast enough for CI."""
+    assert mode == "default"
+    return torch.compile(module, backend="eager", dynamic=dynamic)
+
+
+def test_layer_scope_compiles_each_layer_and_the_projector_apart(llava):
+    compute = llava.compute
+    compiler = FakeCompiler()
+    bucketed = BucketedCompute(compute, CompileSettings(scope="layer", buckets=(2, 4)), compiler=compiler)
+    num_layers = len(compute.vision_tower.encoder_layers)
+    assert num_layers == compute.vision_tower.num_layers_kept  # the truncated tower: layers after -2 are gone
+    assert compiler.calls == [{"mode": "default", "dynamic": False}] * (num_layers + 1)  # layers + projector
+    assert bucketed.compiled and bucketed.wrapped_module is compute
+    x = _pixels(llava, 3, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(bucketed(x), compute(x), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_layer_scope_shares_one_graph_across_layers(tiny_checkpoint):
+    """Dynamo traces the first layer once and every layer reuses that graph (weights are graph inputs):
+    one bucket costs one layer graph plus one projector graph, whatever the depth."""
+    from torch._dynamo.utils import counters
+
+    engine = load_visual_engine(tiny_checkpoint("llava"))
+    eager = engine.compute
+    assert len(eager.vision_tower.encoder_layers) >= 2
+    settings = CompileSettings(scope="layer", buckets=(1, 4))
+    bucketed = engine.compute = BucketedCompute(eager, settings, compiler=_dynamo_only)
+    torch._dynamo.reset()
+    try:
+        before = counters["stats"]["unique_graphs"]
+        engine.warm_up()
+        assert counters["stats"]["unique_graphs"] - before == 2 * 2  # (layer, projector) per bucket
+        for rows in (1, 3):
+            x = _pixels(engine, rows, seed=rows)
+            torch.testing.assert_close(bucketed(x), eager(x), atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] - before == 4  # no compile after warm-up
+    finally:
+        torch._dynamo.reset()
+    # the eager modules are untouched: same weights, same names, nothing compiled in place
+    assert sorted(engine.submodules()) == ["multi_modal_projector", "vision_tower"]
+    assert all(type(layer).__name__ == "CLIPEncoderLayer" for layer in eager.vision_tower.encoder_layers)
+
+
+def test_layer_scope_falls_back_to_eager_when_compiling_fails(llava, caplog):
+    def broken(module, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor exploded on a layer")
+
+        return run
+
+    bucketed = BucketedCompute(llava.compute, CompileSettings(scope="layer", buckets=(2,)), compiler=broken)
+    assert bucketed.compiled
+    bucketed.warm_up(llava.compute_inputs(), torch.device("cpu"))
+    assert not bucketed.compiled and "exploded on a layer" in bucketed.fallback_reason
+    assert "runs eager" in caplog.text
+    x = _pixels(llava, 2, seed=5)
+    with torch.no_grad():
+        assert torch.equal(bucketed(x), llava.compute(x))
+
+
+def test_layer_scope_needs_a_compute_with_regions():
+    with pytest.raises(ValueError, match="per layer"):
+        BucketedCompute(RowWise(), CompileSettings(scope="layer", buckets=(2,)), compiler=FakeCompiler())
+    # without compile the scope does not matter
+    BucketedCompute(RowWise(), CompileSettings(compile=False, scope="layer", buckets=(2,)))
+
+
+@pytest.mark.parametrize("family", ["llava", "vila", "llava_onevision"])
+def test_every_compilable_family_has_regions(tiny_checkpoint, family):
+    engine = load_visual_engine(tiny_checkpoint(family))
+    assert engine.enable_fast_path(CompileSettings(compile=False, scope="layer", buckets=(1, 2)))
+    regions = engine.compute.module.compiled_regions(lambda module: module)  # identity "compiler"
+    size = engine.image_size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(regions(x), engine.compute.module(x))
+
+
 # -- warm-up before SERVING ------------------------------------------------------------------------------
 
 
@@ -245,7 +365,8 @@ def test_health_turns_serving_only_after_the_engine_warm_up(tmp_path):
     health stays NOT_SERVING until it has finished."""
     engine = WarmUpRecorder()
     config = EncoderConfig(
-        model_dir=fake_checkpoint(tmp_path / "m"), server=ServerConfig(host="127.0.0.1", port=0, grace_period_s=1.0)
+        model_dir=fake_checkpoint(tmp_path / "m"),
+        server=ServerConfig(host="127.0.0.1", port=0, grace_period_s=1.0),
     )
 
     async def scenario():
@@ -375,6 +496,16 @@ def test_rows_to_host_gives_each_row_its_own_storage():
     [only] = rows_to_host(single)
     assert only.data_ptr() == single.data_ptr()  # already its own: no copy
     assert rows_to_host(torch.empty(0, 4)) == []
+
+
+def test_tensors_to_host_keeps_owned_tensors_and_copies_views():
+    owned, base = torch.randn(3, 4), torch.randn(6, 4)
+    view = base[2:5]
+    got = tensors_to_host([owned, view])
+    assert got[0] is owned  # already its own storage on the CPU: no copy
+    assert torch.equal(got[1], view)
+    assert got[1].untyped_storage().nbytes() == view.numel() * view.element_size()
+    assert tensors_to_host([]) == []
 
 
 def test_tower_batch_is_in_the_engine_dtype(tiny_checkpoint):

@@ -75,6 +75,50 @@ def test_compiled_features_equal_eager_within_bf16_tolerance(engines):
     assert counters["stats"]["unique_graphs"] == graphs  # every shape was compiled during warm-up
 
 
+def test_layer_scope_features_equal_eager_within_bf16_tolerance(engines, tiny_checkpoint):
+    """Regional compile (each layer and the projector apart, one graph shared by the layers) gives
+    eager's features within the bf16 tolerance, compiles two graphs per bucket, none after warm-up."""
+    from torch._dynamo.utils import counters
+
+    eager, reference, _ = engines
+    fast = load_visual_engine(tiny_checkpoint("llava"), device="cuda", dtype=torch.bfloat16)
+    assert fast.enable_fast_path(CompileSettings(mode="default", scope="layer", buckets=BUCKETS))
+    before = counters["stats"]["unique_graphs"]
+    fast.warm_up()
+    assert fast.compute.compiled and sorted(fast.compute.compile_seconds) == list(BUCKETS)
+    assert counters["stats"]["unique_graphs"] - before == 2 * len(BUCKETS)  # (layer, projector) per bucket
+    graphs = counters["stats"]["unique_graphs"]
+    for count in (1, 3, 4, 6):
+        batch = [eager.preprocess(MediaInput(images=_images(count, seed=20 + count)))]
+        ours, bf16, fp32 = (_features(e, batch) for e in (fast, eager, reference))
+        assert ours.dtype == torch.bfloat16 and ours.shape == bf16.shape == (count, 16, 64)
+        assert _relative(ours, fp32) <= max(2 * _relative(bf16, fp32), 1e-2), (
+            _relative(ours, fp32),
+            _relative(bf16, fp32),
+        )
+        assert _relative(ours, bf16) <= 5e-2, _relative(ours, bf16)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_onevision_host_path_matches_cpu(tiny_checkpoint):
+    """OneVision packs every item on the device and downloads them all after one wait."""
+    checkpoint = tiny_checkpoint("llava_onevision")
+    cpu = load_visual_engine(checkpoint)
+    cuda = load_visual_engine(checkpoint, device="cuda")
+    images = _images(3, seed=30)
+    batch = [
+        cpu.preprocess(MediaInput(images=images[:1])),  # one image: anyres tiles
+        cpu.preprocess(MediaInput(images=images[1:])),  # two images: one crop each
+    ]
+    got, expected = cuda.encode(batch), cpu.encode(batch)
+    assert [(o.input_index, o.item_index, o.num_rows) for o in got] == [
+        (o.input_index, o.item_index, o.num_rows) for o in expected
+    ]
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.features.device.type == "cpu" and not ours.features.is_pinned()
+        assert _relative(ours.features, theirs.features) <= 1e-2
+
+
 def test_cuda_eager_host_path_matches_cpu(tiny_checkpoint):
     """Pinned upload and chunked download on CUDA give what the CPU engine gives (fp32)."""
     checkpoint = tiny_checkpoint("llava")

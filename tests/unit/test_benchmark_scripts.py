@@ -54,6 +54,23 @@ def test_attention_micro_benchmark_smoke(scripts, tmp_path):
         assert row[variant]["rel_err_vs_reference"] < 1e-5, variant
 
 
+def test_prefill_attention_benchmark_smoke(scripts, tmp_path, monkeypatch):
+    """Tiny shapes on CPU: the batched path and the SDPA bound checked and timed; the Triton variants
+    skipped off CUDA (the interpreter cases cover the kernel), varlen recorded as unavailable."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "prefill_attention.json"
+    assert scripts("bench_prefill_attention").main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["shapes"]) == {"1x37", "3x16", "2x20_prefix9"}
+    for name, row in data["shapes"].items():
+        variants = row["variants"]
+        assert variants["batched"]["status"] == "ok" and variants["batched"]["max_abs_diff"] < 1e-4, name
+        assert variants["triton"]["status"] == "skipped" and variants["varlen"]["status"] == "unavailable"
+    assert data["shapes"]["3x16"]["variants"]["sdpa_causal"]["status"] == "ok"
+    assert data["shapes"]["2x20_prefix9"]["variants"]["sdpa_causal"]["status"] == "n/a"  # cached prefix
+    assert out.with_suffix(".png").is_file() or importlib.util.find_spec("matplotlib") is None
+
+
 def test_multimodal_benchmark_smoke(scripts, tmp_path):
     """Both services as child processes on the tiny llava checkpoint, the SDK from two threads."""
     out = tmp_path / "results"
@@ -111,12 +128,16 @@ def test_grpc_overhead_benchmark_smoke(scripts, tmp_path):
 
 
 def test_encoder_benchmark_smoke(scripts, tmp_path):
-    """The tiny llava on CPU: eager variants against the reference (HF's forward), and encode()."""
-    assert scripts("bench_encoder").main([
-        "--tiny", "--device", "cpu", "--out", str(tmp_path), "--iters", "1", "--batch-sizes", "4,8",
-        "--only", "eager,eager_unfused,eager_sdpa_flash,encode_call_eager", "--time-budget-s", "120",
-    ]) == 0
+    """The tiny llava on CPU: eager variants against the reference (HF's forward), encode(), and the
+    stage-by-stage breakdown of encode(); --variants sets the run order."""
+    argv = [
+        "--tiny", "--device", "cpu", "--out", str(tmp_path), "--iters", "1", "--batch-sizes", "4,8,1",
+        "--variants", "eager@4/8,encode_breakdown@1,eager_unfused,eager_sdpa_flash,encode_call_eager@4/8,"
+        "compiled,eager@4", "--time-budget-s", "120",
+    ]  # fmt: skip
+    assert scripts("bench_encoder").main(argv) == 0
     data = json.loads((tmp_path / "encoder_llava15.json").read_text())
+    assert data["plan"][:2] == ["eager@4/8", "encode_breakdown@1"]  # run in the order given
     assert set(data["eager"]) == {"4", "8"} and set(data["encode_call_eager"]) == {"4", "8"}
     for name in ("eager", "eager_unfused", "eager_sdpa_flash"):
         record = data["variants"][name]["results"]["4"]
@@ -124,3 +145,24 @@ def test_encoder_benchmark_smoke(scripts, tmp_path):
     encode = data["variants"]["encode_call_eager"]["results"]["8"]
     assert encode["max_abs_diff"] == 0 and encode["per_image_tensors_own_storage"]
     assert data["engine_fused_qkv"] and data["compiled"] == {}  # no compile on a CPU without --cpu-compile
+    stages = data["encode_breakdown"]["1"]
+    assert data["variants"]["encode_breakdown"]["results"]["1"]["compute"] == "eager"
+    for stage in ("tower_batch", "compute", "rows_to_host", "fixed_row_outputs", "encode"):
+        assert stages[stage] > 0, stage
+    assert stages["encode_in_executor"] > 0
+    assert stages["preprocess_one_image"] > 0 and "unaccounted" in stages
+
+
+def test_encoder_benchmark_plan(scripts):
+    bench = scripts("bench_encoder")
+    plan = bench.parse_plan(bench.default_plan(64, max_autotune=False), [64, 1], skip={"compiled_hf"})
+    names = [name for name, _ in plan]
+    assert names[:3] == ["eager_hf", "eager", "compiled"]  # the baseline first,
+    assert names[3:6] == ["compiled_cudagraph", "encode_breakdown", "compiled_regional"]  # then what it asks
+    assert ("regional_max_autotune", [64]) in plan and ("regional_max_autotune", [64, 1]) in plan
+    assert "compiled_hf" not in names and "max_autotune" not in names
+    old_names = bench.parse_plan("compiled_sdpa_flash,eager_unfused", [8, 2], skip=set())
+    assert old_names == [("compiled_sdpa", [8]), ("eager_unfused", [8])]
+    for bad in ("turbo", "compiled@3"):
+        with pytest.raises(ValueError):
+            bench.parse_plan(bad, [64, 1], skip=set())
