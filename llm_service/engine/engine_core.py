@@ -73,6 +73,10 @@ class EngineConfig:
     # Largest decode batch served by a graph (bigger batches run eagerly); buckets are 1, 2, 4, 8, 16,
     # then multiples of 16 up to this.
     max_graph_batch_size: int = 256
+    # Other steps (prefill, image rows, mixed) of up to this many tokens (and at most
+    # max_num_batched_tokens) run as piecewise CUDA graphs around an eager attention (see
+    # prefill_graphs.py) wherever decode graphs are on; 0 turns them off. Longer steps run eagerly.
+    max_prefill_graph_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -86,6 +90,8 @@ class EngineConfig:
             raise ValueError(f"enforce_eager=False needs a CUDA device (CUDA graphs), got device {self.device!r}")
         if self.max_graph_batch_size < 1:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+        if self.max_prefill_graph_tokens < 0:
+            raise ValueError(f"max_prefill_graph_tokens must be >= 0, got {self.max_prefill_graph_tokens}")
 
     @property
     def device_type(self) -> str:
@@ -266,6 +272,7 @@ class EngineCore:
             cuda_graphs=config.use_cuda_graphs,
             max_model_len=self.max_model_len,
             max_graph_batch_size=min(config.max_graph_batch_size, config.max_num_seqs),
+            max_prefill_graph_tokens=min(config.max_prefill_graph_tokens, config.max_num_batched_tokens),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

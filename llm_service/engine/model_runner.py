@@ -16,6 +16,7 @@ from torch import nn
 
 from llm_service.engine.cuda_graphs import DecodeGraphs
 from llm_service.engine.outputs import CONTINUATION_TOKEN, ModelRunnerOutput, SchedulerOutput
+from llm_service.engine.prefill_graphs import PrefillGraphs, supports_piecewise
 from llm_service.engine.request import Request
 from llm_service.layers.attention import AttentionMetadata, resolve_attention_backend
 from llm_service.layers.sampler import PendingSample, SamplingBatch, SamplingRow, launch_sample, to_device
@@ -120,6 +121,7 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_model_len: int | None = None,
         max_graph_batch_size: int = 256,
+        max_prefill_graph_tokens: int = 0,
     ) -> None:
         self.model = model
         self.attention_backend = resolve_attention_backend(attention_backend, torch.device(device).type)
@@ -142,9 +144,12 @@ class ModelRunner:
         self._cross: dict[str, _CrossState] = {}
         self.max_model_len = max_model_len
         self.max_graph_batch_size = max_graph_batch_size
+        self.max_prefill_graph_tokens = max_prefill_graph_tokens
         self.decode_graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if cuda_graphs:
             self.enable_decode_graphs(capture=True)
+            self.enable_prefill_graphs(capture=True)
 
     def enable_decode_graphs(self, *, capture: bool) -> None:
         """Serve decode-only steps from `DecodeGraphs`; `capture=False` runs the same padded static-buffer
@@ -166,6 +171,26 @@ class ModelRunner:
             dtype=self.dtype,
             capture=capture,
             attention_backend=self.attention_backend,
+        )
+
+    def enable_prefill_graphs(self, *, capture: bool) -> None:
+        """Run the steps decode graphs do not serve (prefill, image rows, mixed) up to
+        `max_prefill_graph_tokens` rows as piecewise graphs (`PrefillGraphs`); `capture=False` runs the
+        same split path eagerly over the static buffers (CPU tests)."""
+        if self.max_prefill_graph_tokens < 1:
+            return
+        if self.is_cross_attention_model or not supports_piecewise(self.model):
+            logger.info("prefill graphs are off: %s has no split layer path", type(self.model).__name__)
+            return
+        self.prefill_graphs = PrefillGraphs(
+            self.model,
+            self.kv_caches,
+            block_size=self.block_size,
+            scratch_block=self.scratch_block,
+            max_tokens=self.max_prefill_graph_tokens,
+            device=torch.device(self.device),
+            dtype=self.dtype,
+            capture=capture,
         )
 
     @property
@@ -304,7 +329,7 @@ class ModelRunner:
     def _forward_eager(self, chunks, query_start_loc: list[int]) -> torch.Tensor:
         device = self.device
         token_ids = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
-        input_ids = torch.tensor(token_ids, dtype=torch.long).to(device)  # [T]
+        input_ids = to_device(torch.tensor(token_ids, dtype=torch.long), device)  # [T]
         meta, position_ids = AttentionMetadata.build(
             query_lens=[c.num_tokens for c in chunks],
             seq_lens=[c.end_position for c in chunks],
@@ -315,7 +340,10 @@ class ModelRunner:
         )
         embeds = self.model.embed_input_ids(input_ids)  # [T, H]
         self._inject_prompt_tables(embeds, chunks, meta.query_start_loc)
-        if self.is_cross_attention_model:
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.bucket_for(len(token_ids)) is not None:
+            hidden = graphs.run(embeds, position_ids, meta)  # [T, H]
+        elif self.is_cross_attention_model:
             hidden = self.model(embeds, position_ids, self.kv_caches, meta, self._cross_inputs(chunks, position_ids, meta))
         else:
             hidden = self.model(embeds, position_ids, self.kv_caches, meta)  # [T, H]

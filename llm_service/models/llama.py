@@ -63,15 +63,6 @@ class LlamaAttention(nn.Module):
             v.view(num_tokens, self.num_kv_heads, self.head_dim),
         )
 
-    def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        num_tokens = x.shape[0]  # x: [T, H]
-        q, k, v = self.project_qkv(x)
-        q = rotary_and_write_kv(q, k, v, *cos_sin, kv_cache, meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
-
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, qkv_bias: bool, o_bias: bool) -> None:
@@ -82,7 +73,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos_sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        q = self.before_attention(x, cos_sin, kv_cache, meta.slot_mapping)
+        attn_out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.self_attn.scale)  # [T, Hq, D]
+        return self.after_attention(x, attn_out)
+
+    def before_attention(self, x: torch.Tensor, cos_sin, kv_cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        """The layer up to attention: norm, q/k/v, rotary; writes the new K/V at `slots`. x: [T, H] ->
+        q: [T, Hq, D]. With `after_attention`, what `PrefillGraphs` captures around the attention."""
+        q, k, v = self.self_attn.project_qkv(self.input_layernorm(x))
+        return rotary_and_write_kv(q, k, v, *cos_sin, kv_cache, slots)
+
+    def after_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer: x [T, H] residual stream, attn_out [T, Hq, D] or [T, H] -> x [T, H]."""
+        attn_out = self.self_attn.o_proj(attn_out.reshape(x.shape[0], -1))
         h, x = self.post_attention_layernorm.add_and_norm(attn_out, x)  # x += attn_out; h = norm(x)
         return x + self.mlp(h)
 
