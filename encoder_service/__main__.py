@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode (default)"
     )
     model.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="capture each compiled batch bucket in a CUDA graph and replay it (compile scope model, "
+        "modes without their own CUDA graphs; at batch 1 a replay is ~4x faster than the compiled call "
+        "on an H100; default: on)",
+    )
+    model.add_argument(
         "--compile-scope",
         default="model",
         choices=COMPILE_SCOPES,
@@ -194,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
         compile=args.compile,
         compile_mode=args.compile_mode,
         compile_scope=args.compile_scope,
+        cuda_graphs=args.cuda_graphs,
         compile_buckets=args.compile_buckets,
         sdpa_backend=args.sdpa_backend,
         max_queue_delay_ms=args.max_queue_delay_ms,

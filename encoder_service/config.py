@@ -145,6 +145,8 @@ class EncoderConfig:
       compile_scope: "model" (one graph of the whole tower + projector per bucket) or "layer" (each
         encoder layer and the projector compiled apart; the layers share one graph). "layer" takes
         the modes without CUDA graphs only (default, max-autotune-no-cudagraphs).
+      cuda_graphs: capture each compiled bucket in a CUDA graph after its warm-up and replay it
+        (scope "model" with the modes that have no CUDA graphs of their own).
       compile_buckets: batch sizes compiled (tower rows: images, or OneVision crops/frames); smaller
         batches are padded up to the next one, larger ones run in chunks of the largest. None: powers
         of two below max_batch_size, and max_batch_size.
@@ -171,6 +173,7 @@ class EncoderConfig:
     compile: bool = True
     compile_mode: str = "default"
     compile_scope: str = "model"
+    cuda_graphs: bool = True
     compile_buckets: tuple[int, ...] | None = None
     sdpa_backend: str = "auto"
     max_queue_delay_ms: float = 2.0

@@ -141,6 +141,7 @@ def fast_path_settings(config: EncoderConfig) -> CompileSettings | None:
         buckets=config.batch_buckets if config.compile else (),
         sdpa_backend=config.sdpa_backend,
         scope=config.compile_scope,
+        cuda_graphs=config.compile and config.cuda_graphs and config.compile_scope == "model",
     )
 
 

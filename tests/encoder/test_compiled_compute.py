@@ -94,10 +94,14 @@ def test_fast_path_only_on_cuda_and_never_for_an_exported_engine(tmp_path):
     model = fake_checkpoint(tmp_path / "m")
     assert fast_path_settings(EncoderConfig(model_dir=model, device="cpu")) is None  # CI: eager
     settings = fast_path_settings(EncoderConfig(model_dir=model, device="cuda:1", max_batch_size=4))
-    assert settings == CompileSettings(compile=True, mode="default", buckets=(1, 2, 4), sdpa_backend="auto")
+    assert settings == CompileSettings(
+        compile=True, mode="default", buckets=(1, 2, 4), sdpa_backend="auto", cuda_graphs=True
+    )
+    no_graphs = fast_path_settings(EncoderConfig(model_dir=model, device="cuda", cuda_graphs=False))
+    assert no_graphs is not None and not no_graphs.cuda_graphs
     assert fast_path_settings(EncoderConfig(model_dir=model, device="cuda", compile=False)) is None
     layer = fast_path_settings(EncoderConfig(model_dir=model, device="cuda", compile_scope="layer"))
-    assert layer is not None and layer.scope == "layer"
+    assert layer is not None and layer.scope == "layer" and not layer.cuda_graphs  # no graphs per layer
     pinned = fast_path_settings(
         EncoderConfig(model_dir=model, device="cuda", compile=False, sdpa_backend="flash")
     )

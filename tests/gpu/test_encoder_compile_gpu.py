@@ -152,3 +152,35 @@ def test_the_service_config_turns_the_fast_path_on(tiny_checkpoint):
     assert isinstance(engine.compute, BucketedCompute) and engine.compute.buckets == (1, 2, 4)
     off = load_engine(EncoderConfig(model_dir=tiny_checkpoint("llava"), device="cuda", compile=False))
     assert not isinstance(off.compute, BucketedCompute)
+
+
+def test_cuda_graph_replay_equals_eager_and_outputs_survive_the_next_call(engines, tiny_checkpoint):
+    """Compiled buckets captured in CUDA graphs (the service default): every bucket is captured, the
+    features equal eager's within the bf16 tolerance (padded and chunked batches too), and a result
+    is not overwritten by the next replay."""
+    eager, reference, _ = engines
+    fast = load_visual_engine(tiny_checkpoint("llava"), device="cuda", dtype=torch.bfloat16)
+    assert fast.enable_fast_path(CompileSettings(mode="default", buckets=BUCKETS, cuda_graphs=True))
+    fast.warm_up()
+    assert sorted(fast.compute._graphs) == list(BUCKETS)
+    replays = 0
+    for _, (graph, _, _) in fast.compute._graphs.items():
+        original = graph.replay
+
+        def counted(original=original):
+            nonlocal replays
+            replays += 1
+            original()
+
+        graph.replay = counted
+    first_batch = [eager.preprocess(MediaInput(images=_images(3, seed=40)))]
+    first = _features(fast, first_batch)
+    kept = first.clone()
+    for count in (1, 3, 4, 6):
+        batch = [eager.preprocess(MediaInput(images=_images(count, seed=50 + count)))]
+        ours, bf16, fp32 = (_features(e, batch) for e in (fast, eager, reference))
+        assert ours.shape == bf16.shape == (count, 16, 64)
+        assert _relative(ours, fp32) <= max(2 * _relative(bf16, fp32), 1e-2)
+        assert _relative(ours, bf16) <= 5e-2
+    assert torch.equal(first, kept)
+    assert replays >= 6  # 3, then 1, 3, 4, 6 (= 4 + 2): every call replayed
