@@ -233,7 +233,12 @@ class BucketedCompute(nn.Module):
                     self.__dict__["_runner"] = self.module
                     self._cudagraphs = False
                     self._run_padded(example, bucket)
-                if self.compiled and self.settings.cuda_graphs and device.type == "cuda" and not self._cudagraphs:
+                if (
+                    self.compiled
+                    and self.settings.cuda_graphs
+                    and device.type == "cuda"
+                    and not self._cudagraphs
+                ):
                     self._capture(bucket, example)
                 self.compile_seconds[bucket] = time.perf_counter() - started
                 logger.info(
@@ -258,7 +263,9 @@ class BucketedCompute(nn.Module):
             self._graph_pool = self._graph_pool or graph.pool()
             self._graphs[bucket] = (graph, static_inputs, static_output)
         except Exception:
-            logger.exception("CUDA graph capture failed for batch bucket %d; it runs compiled without one", bucket)
+            logger.exception(
+                "CUDA graph capture failed for batch bucket %d; it runs compiled without one", bucket
+            )
 
     @property
     def compiled(self) -> bool:
