@@ -77,13 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "reference", "batched", "triton"),
         default="auto",
         help="paged attention: batched (one SDPA call for decode rows, one for prefill chunks), "
-        "triton (decode rows read the paged cache in place, a Triton kernel; CUDA only) or "
+        "triton (decode rows and prefill chunks read the paged cache in place, Triton kernels; CUDA only) or "
         "reference (one call per sequence); auto = triton on CUDA, batched elsewhere",
     )
     engine.add_argument(
         "--enforce-eager",
         action="store_true",
         help="run every step eagerly: no CUDA graphs (by default decode steps replay graphs on CUDA)",
+    )
+    engine.add_argument(
+        "--max-prefill-graph-tokens",
+        type=int,
+        default=2048,
+        help="steps other than plain decode (prefill chunks, image rows, mixed) of up to this many tokens "
+        "run as piecewise CUDA graphs around the attention; 0: eagerly (default 2048, capped at "
+        "--max-num-batched-tokens; off with --enforce-eager)",
     )
     engine.add_argument(
         "--engine-process",
@@ -141,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
         seed=args.seed,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        max_prefill_graph_tokens=args.max_prefill_graph_tokens,
         engine_process=args.engine_process,
         embedding_cache_bytes=args.embedding_cache_bytes,
         encoder_address=args.encoder_address,

@@ -68,6 +68,7 @@ class LlmServiceConfig:
     attention_backend: str = "auto"  # auto | reference | batched | triton (EngineConfig validates)
     enforce_eager: bool = False  # True: no CUDA graphs (decode steps replay them on CUDA by default)
     engine_process: bool = False  # True: the EngineCore runs in its own process (ProcessEngineClient)
+    max_prefill_graph_tokens: int = 2048  # prefill/mixed steps up to this many tokens replay piecewise graphs
     embedding_cache_bytes: int = 2048 * MiB
     encoder_address: str | None = None
     encoder_timeout_s: float = 60.0
@@ -156,6 +157,7 @@ class LlmServiceConfig:
             seed=self.seed,
             attention_backend=self.attention_backend,
             enforce_eager=True if self.enforce_eager else None,
+            max_prefill_graph_tokens=self.max_prefill_graph_tokens,
         )
 
 

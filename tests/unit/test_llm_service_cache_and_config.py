@@ -103,5 +103,8 @@ def test_attention_and_graph_flags_reach_the_engine_config():
     assert engine.attention_backend == "reference" and not engine.use_cuda_graphs
     cuda = config_from_args(build_parser().parse_args(["--model", "ckpt", "--device", "cuda"])).engine_config()
     assert cuda.use_cuda_graphs  # the default on CUDA
+    assert cuda.max_prefill_graph_tokens == 2048
+    args = build_parser().parse_args(["--model", "ckpt", "--device", "cuda", "--max-prefill-graph-tokens", "0"])
+    assert config_from_args(args).engine_config().max_prefill_graph_tokens == 0
     args = build_parser().parse_args(["--model", "ckpt", "--device", "cuda", "--enforce-eager"])
     assert not config_from_args(args).engine_config().use_cuda_graphs
