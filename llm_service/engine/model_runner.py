@@ -297,9 +297,14 @@ class ModelRunner:
         and the chunk's K/V are written (for every row) before any row attends. So short text-only
         prefills (a prompt whose image and prefix came from the prefix cache, say) and mixed steps
         replay a graph instead of paying an eager forward's launch overhead.
+        Only without prefill graphs, which serve these steps with one K/V read per chunk.
         Returns (token ids, context lengths, block tables) per row and each chunk's last row."""
         graphs = self.decode_graphs
         if graphs is None or any(c.mm_spans for c in chunks):
+            return None
+        if self.prefill_graphs is not None and any(c.num_tokens > 1 for c in chunks):
+            # Each row would read its sequence's whole context again (15 rows after a 592-token prefix:
+            # 16x the K/V traffic); the piecewise graphs read it once per chunk.
             return None
         num_rows = sum(c.num_tokens for c in chunks)
         if graphs.bucket_for(num_rows, max(c.end_position for c in chunks)) is None:

@@ -22,11 +22,23 @@ class _Counting:
 
     def __init__(self) -> None:
         self.rows: list[int] = []
+        self.decode_runs = 0
+        self.chunk_rows_in_decode_graphs = 0
 
     def __call__(self, engine) -> None:
         engine.runner.max_prefill_graph_tokens = 64
         engine.runner.enable_decode_graphs(capture=False)
         engine.runner.enable_prefill_graphs(capture=False)
+        decode = engine.runner.decode_graphs
+        if decode is not None:
+            run_decode = decode.run
+
+            def counted_decode(token_ids, seq_lens, tables):
+                self.decode_runs += 1
+                self.chunk_rows_in_decode_graphs += any(a is b for a, b in zip(tables, tables[1:], strict=False))
+                return run_decode(token_ids, seq_lens, tables)
+
+            decode.run = counted_decode
         graphs = engine.runner.prefill_graphs
         if graphs is None:
             return
@@ -46,6 +58,8 @@ def test_prefill_graph_path_matches_hf(references, family, pipeline):
     counter = _Counting()
     engine, outputs = _run_engine(ckpt, cases, 5, prepare=counter, pipeline_decode=pipeline)
     assert counter.rows, "no step took the prefill-graph path"
+    # decode steps keep their own graphs; prefill chunks never run there as one row per token
+    assert counter.decode_runs > 0 and counter.chunk_rows_in_decode_graphs == 0
     # padding: steps whose row count is not a bucket ran too
     assert any(n not in engine.runner.prefill_graphs.buckets for n in counter.rows), counter.rows
     assert all(b.ref_count == 0 for b in engine.scheduler.kv_cache.blocks)
