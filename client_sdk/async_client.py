@@ -29,7 +29,6 @@ from vlm_protocol.media_ids import PreprocessingIdentity
 logger = logging.getLogger(__name__)
 
 
-
 class GenerationStream:
     """The async iterator of ``StreamDelta`` that ``AsyncClient.generate(..., stream=True)`` returns.
 
@@ -267,7 +266,6 @@ class AsyncClient(ClientBase):
         if fetch is not None:
             plan.apply_fetch(await self._call(ENCODER, "LookupEmbeddings", fetch, deadline, spec.metadata))
         await self._encode(plan, plan.reencode_indices(upload), spec, deadline)
-        plan.count_upload(upload)
         return upload
 
 

@@ -40,7 +40,7 @@ class CallSpec:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((REQUEST_ID_METADATA_KEY, self.request_id),)
 
-    def request(self, request_cls: type, inputs: Sequence[llm_service_pb2.MultimodalInput]) -> Any:
+    def request(self, request_cls: type, inputs: Sequence[convert.LlmInput]) -> Any:
         return convert.build_generate_request(
             request_cls,
             self.prompt,

@@ -28,7 +28,6 @@ from vlm_protocol.media_ids import PreprocessingIdentity
 logger = logging.getLogger(__name__)
 
 
-
 class Client(ClientBase):
     """Thread-safe client of one encoder service and one LLM service.
 
@@ -269,7 +268,6 @@ class Client(ClientBase):
         if fetch is not None:
             plan.apply_fetch(self._call(ENCODER, "LookupEmbeddings", fetch, deadline, spec.metadata))
         self._encode(plan, plan.reencode_indices(upload), spec, deadline)
-        plan.count_upload(upload)
         return upload
 
 

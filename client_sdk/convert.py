@@ -56,6 +56,9 @@ _PROMPT_FORMATS = {
 }
 PROMPT_FORMATS = tuple(name for name in _PROMPT_FORMATS if name)
 
+# The source of one MultimodalInput: a content id, an embedding sent whole, or raw media (one-call mode).
+LlmInput = str | common_pb2.Embedding | common_pb2.MediaItem
+
 
 def _check_type(name: str, value: Any, expected: type) -> Any:
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -155,10 +158,27 @@ def chat_prompt(messages: Sequence[Mapping[str, Any]]) -> llm_service_pb2.ChatPr
     return chat
 
 
+def add_multimodal_input(request: Any, source: LlmInput) -> None:
+    """Append one MultimodalInput to a Generate(Stream)Request.
+
+    Embeddings are copied straight into the request: the one copy of their tensor bytes before
+    serialization (building a MultimodalInput first and passing it to the request would copy twice).
+    """
+    entry = request.multimodal_inputs.add()
+    if isinstance(source, str):
+        entry.content_id = source
+    elif isinstance(source, common_pb2.Embedding):
+        entry.embedding.CopyFrom(source)
+    elif isinstance(source, common_pb2.MediaItem):
+        entry.media.CopyFrom(source)
+    else:
+        raise TypeError(f"a multimodal input is a content id, an Embedding or a MediaItem, got {source!r}")
+
+
 def build_generate_request(
     request_cls: type,
     prompt: str | Sequence[Mapping[str, Any]],
-    inputs: Iterable[llm_service_pb2.MultimodalInput],
+    inputs: Iterable[LlmInput],
     sampling: llm_service_pb2.SamplingParams,
     output: llm_service_pb2.OutputOptions,
     *,
@@ -167,7 +187,9 @@ def build_generate_request(
     add_special_tokens: bool | None,
 ) -> Any:
     """A GenerateRequest or GenerateStreamRequest (same fields) for one attempt."""
-    request = request_cls(request_id=request_id, prompt_format=prompt_format, multimodal_inputs=list(inputs))
+    request = request_cls(request_id=request_id, prompt_format=prompt_format)
+    for source in inputs:
+        add_multimodal_input(request, source)
     if isinstance(prompt, str):
         request.prompt = prompt
     else:

@@ -4,10 +4,16 @@ No I/O: the sync and async clients drive the same plan through the same steps:
 
 1. ``lookup_request`` -> ``EncoderService.LookupEmbeddings`` -> ``apply_lookup``;
 2. ``encode_request`` (only what the encoder lacks, and URLs) -> ``Encode`` -> ``apply_encode``;
-3. ``llm_inputs()`` (content ids only) -> ``LlmService.Generate``;
+3. ``llm_inputs()`` -> ``LlmService.Generate``: content ids, except the embeddings ``Encode`` has just
+   computed, which go whole at once (new to the encoder's cache, so almost surely new to the LLM
+   service: asking by id first would only cost a NOT_FOUND round trip);
 4. on NOT_FOUND: ``upload_ids(trailer)``; fetch what is not held locally (``fetch_request`` ->
    ``LookupEmbeddings(return_embeddings)`` -> ``apply_fetch``; still missing: encode again) and resend
    with ``llm_inputs(upload)``, which carries those embeddings whole.
+
+``llm_inputs`` returns sources (a content id or an ``Embedding``), not messages: the request builder
+copies each embedding into the request once (``convert.build_generate_request``), where wrapping it in
+a ``MultimodalInput`` first would copy its megabytes twice.
 
 The encoder's ids are authoritative: an item's id is replaced by the one ``Encode`` returns.
 """
@@ -18,8 +24,9 @@ import logging
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-from vlm.v1 import common_pb2, encoder_service_pb2, llm_service_pb2
+from vlm.v1 import common_pb2, encoder_service_pb2
 
+from client_sdk.convert import LlmInput
 from client_sdk.errors import InternalError, NotFoundError
 from client_sdk.media import VIDEO, PreparedMedia
 from vlm_protocol.media_ids import PreprocessingIdentity
@@ -41,12 +48,15 @@ class MediaPlan:
         self.uses_encoder = identity is not None  # False: text only, or one-call mode
         self.num_prompt_images = sum(m.media_type != VIDEO for m in self.media)
         self.content_ids: list[str | None] = [
-            m.content_id(identity, default_num_frames=default_num_frames, num_prompt_images=self.num_prompt_images)
+            m.content_id(
+                identity, default_num_frames=default_num_frames, num_prompt_images=self.num_prompt_images
+            )
             if identity
             else None
             for m in self.media
         ]
         self.embeddings: dict[str, common_pb2.Embedding] = {}
+        self.fresh_ids: set[str] = set()  # embeddings Encode computed for this call (not cached)
         self.encoder_cache_hits = 0
         self.tensors_uploaded = 0
         self.ids_disagree = False  # the encoder computed other ids than we did (identity changed?)
@@ -104,6 +114,8 @@ class MediaPlan:
             self._found.add(served_id)
             if encoded.cached:
                 self.encoder_cache_hits += 1
+            else:
+                self.fresh_ids.add(served_id)
 
     # --- LLM ----------------------------------------------------------------------------------
 
@@ -111,22 +123,27 @@ class MediaPlan:
     def resolved_ids(self) -> tuple[str, ...]:
         return tuple(cid or "" for cid in self.content_ids)
 
-    def llm_inputs(self, upload: Collection[str] = ()) -> list[llm_service_pb2.MultimodalInput]:
-        """One input per item: the whole embedding for ids in ``upload`` (once per id), else the id."""
-        inputs, sent = [], set()
+    def llm_inputs(self, upload: Collection[str] = ()) -> list[LlmInput]:
+        """One input source per item: the whole embedding (once per id) for ids in ``upload`` and for
+        fresh ones (encoded by this call; on a resend they go again, as the replica that answered may
+        not have kept them), else the content id. Counts the embeddings sent whole."""
+        whole = set(upload) | self.fresh_ids
+        inputs: list[LlmInput] = []
+        sent: set[str] = set()
         for cid in self.content_ids:
             if cid is None:
                 raise AssertionError("llm_inputs before every item has a content id")
-            if cid in upload and cid not in sent:
+            if cid in whole and cid not in sent and cid in self.embeddings:
                 sent.add(cid)
-                inputs.append(llm_service_pb2.MultimodalInput(embedding=self.embeddings[cid]))
+                inputs.append(self.embeddings[cid])
             else:
-                inputs.append(llm_service_pb2.MultimodalInput(content_id=cid))
+                inputs.append(cid)
+        self.tensors_uploaded += len(sent)
         return inputs
 
-    def raw_inputs(self) -> list[llm_service_pb2.MultimodalInput]:
+    def raw_inputs(self) -> list[LlmInput]:
         """One-call mode: the raw media, for the LLM service to encode through its encoder."""
-        return [llm_service_pb2.MultimodalInput(media=m.item) for m in self.media]
+        return [m.item for m in self.media]
 
     def upload_ids(self, missing: Iterable[str]) -> set[str]:
         """Ids to resend whole after NOT_FOUND: those named by the trailer (all of ours if it names none)."""
@@ -160,9 +177,6 @@ class MediaPlan:
                 seen.add(cid)
                 indices.append(i)
         return indices
-
-    def count_upload(self, upload: Collection[str]) -> None:
-        self.tensors_uploaded += len(upload)
 
     def result_extras(self) -> dict[str, Any]:
         """The SDK's counters for GenerateResult / the final StreamDelta."""

@@ -68,8 +68,9 @@ class GenerateResult:
     """A finished generation.
 
     ``encoder_cache_hits``: media the encoder already held (found by look-up or reported cached by
-    ``Encode``). ``tensors_uploaded``: embeddings sent whole to the LLM service because it did not hold
-    their content ids (0 when every id was known). ``content_ids`` lists the media's ids in order.
+    ``Encode``). ``tensors_uploaded``: embeddings sent whole to the LLM service, because the encoder had
+    just computed them or the LLM service did not hold their content ids (0 when every id was known).
+    ``content_ids`` lists the media's ids in order.
     """
 
     text: str

@@ -9,9 +9,11 @@ Decoding validates everything a peer controls and raises ``TensorFormatError`` (
 ``InvalidArgumentError``, so servers answer INVALID_ARGUMENT) naming the offending field.
 
 Copies: ``decode_numpy`` returns a read-only array viewing the message's bytes (no copy) unless
-``writable=True``. ``decode_torch`` returns a tensor owning its memory: one host copy, or for a device
-target only the host -> device copy. Encoding makes one copy (the ``bytes`` the message needs), plus one
-for byte-swapping big-endian input.
+``writable=True``. ``decode_torch`` returns a tensor owning its memory: the one copy is the ``bytes``
+object that reading ``data`` from a upb message builds, which the tensor then takes over (a fresh
+object that nothing else references; otherwise, e.g. with the pure-Python protobuf, one more copy),
+and for a device target the host -> device copy. Encoding makes one copy (the ``bytes`` the message
+needs), plus one for byte-swapping big-endian input.
 
 Neither torch nor the generated stubs are imported at module import: torch only inside the torch
 functions (the SDK runs without torch), ``common_pb2`` only when a new message is built.
@@ -20,6 +22,7 @@ functions (the SDK runs without torch), ``common_pb2`` only when a new message i
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +36,7 @@ from vlm_protocol.dtypes import (
     numpy_dtype_name,
     numpy_to_torch,
     to_little_endian,
+    torch_dtype_for_name,
     torch_to_numpy,
 )
 from vlm_protocol.errors import InvalidArgumentError
@@ -171,35 +175,7 @@ def decode_numpy(
       TensorFormatError: unknown dtype, negative dimension, byte length not ``prod(shape) * itemsize``,
         bool bytes other than 0/1, or a mismatch with ``expected_dtype``/``expected_shape``.
     """
-    _, name = _resolve_data_type(tensor.dtype, f"{field}.dtype")
-    shape = tuple(int(dim) for dim in tensor.shape)
-    for index, dim in enumerate(shape):
-        if dim < 0:
-            raise TensorFormatError(f"{field}.shape", f"dimension {index} is {dim}; dimensions must be >= 0")
-    if expected_dtype is not None:
-        _, expected_name = _resolve_data_type(expected_dtype, "expected_dtype")
-        if name != expected_name:
-            raise TensorFormatError(f"{field}.dtype", f"expected {expected_name}, got {name}")
-    if expected_shape is not None:
-        _check_shape(shape, expected_shape, f"{field}.shape")
-
-    dtype = NUMPY_DTYPES[name]
-    data = tensor.data  # read once: protobuf may build a new bytes object per access
-    expected_bytes = math.prod(shape) * dtype.itemsize
-    if len(data) != expected_bytes:
-        raise TensorFormatError(
-            f"{field}.data",
-            f"expected {expected_bytes} bytes for shape {list(shape)} of {name} "
-            f"({dtype.itemsize} bytes each), got {len(data)}",
-        )
-    if name == "bool" and expected_bytes and np.frombuffer(data, np.uint8).max() > 1:
-        raise TensorFormatError(f"{field}.data", "bool elements must be bytes 0 or 1")
-    try:
-        array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    except ValueError as exc:  # e.g. an empty tensor whose other dimensions overflow the address space
-        raise TensorFormatError(
-            f"{field}.shape", f"shape {list(shape)} is not representable: {exc}"
-        ) from None
+    _, array = _decode(tensor, expected_dtype, expected_shape, field)
     return array.copy() if writable else array
 
 
@@ -219,13 +195,61 @@ def decode_torch(
     import torch
 
     target = torch.device(device) if device is not None else torch.device("cpu")
-    array = decode_numpy(tensor, expected_dtype=expected_dtype, expected_shape=expected_shape, field=field)
-    if target.type == "cpu":
-        return numpy_to_torch(array.copy())
+    data, array = _decode(tensor, expected_dtype, expected_shape, field)
+    if target.type != "cpu":
+        with warnings.catch_warnings():
+            # The read-only alias lives only until .to() has copied it to the device; nothing writes it.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return numpy_to_torch(array).to(target)
+    shape, name = array.shape, numpy_dtype_name(array.dtype)
+    del array  # drop the view's reference, so that `data` is ours alone when the message made it for us
+    # References: `data` here and getrefcount's argument. More means someone else (the message itself,
+    # with protobuf implementations that store bytes objects) can see these bytes: copy them.
+    if sys.byteorder != "little" or not data or sys.getrefcount(data) > 2:
+        return numpy_to_torch(np.frombuffer(data, NUMPY_DTYPES[name]).reshape(shape).copy())
     with warnings.catch_warnings():
-        # The read-only alias lives only until .to() has copied it to the device; nothing writes it.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return numpy_to_torch(array).to(target)
+        # Writable in fact: a private bytes object, kept alive by the tensor and never seen elsewhere.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(data, dtype=torch_dtype_for_name(name)).view(shape)
+
+
+def _decode(
+    tensor: common_pb2.Tensor,
+    expected_dtype: DataTypeLike | None,
+    expected_shape: Sequence[int] | None,
+    field: str,
+) -> tuple[bytes, np.ndarray]:
+    """Validate a ``Tensor``; its ``data`` bytes and a read-only array viewing them."""
+    _, name = _resolve_data_type(tensor.dtype, f"{field}.dtype")
+    shape = tuple(int(dim) for dim in tensor.shape)
+    for index, dim in enumerate(shape):
+        if dim < 0:
+            raise TensorFormatError(f"{field}.shape", f"dimension {index} is {dim}; dimensions must be >= 0")
+    if expected_dtype is not None:
+        _, expected_name = _resolve_data_type(expected_dtype, "expected_dtype")
+        if name != expected_name:
+            raise TensorFormatError(f"{field}.dtype", f"expected {expected_name}, got {name}")
+    if expected_shape is not None:
+        _check_shape(shape, expected_shape, f"{field}.shape")
+
+    dtype = NUMPY_DTYPES[name]
+    data = tensor.data  # read once: upb builds a new bytes object (a copy) per access
+    expected_bytes = math.prod(shape) * dtype.itemsize
+    if len(data) != expected_bytes:
+        raise TensorFormatError(
+            f"{field}.data",
+            f"expected {expected_bytes} bytes for shape {list(shape)} of {name} "
+            f"({dtype.itemsize} bytes each), got {len(data)}",
+        )
+    if name == "bool" and expected_bytes and np.frombuffer(data, np.uint8).max() > 1:
+        raise TensorFormatError(f"{field}.data", "bool elements must be bytes 0 or 1")
+    try:
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # e.g. an empty tensor whose other dimensions overflow the address space
+        raise TensorFormatError(
+            f"{field}.shape", f"shape {list(shape)} is not representable: {exc}"
+        ) from None
+    return data, array
 
 
 def _check_shape(shape: tuple[int, ...], expected: Sequence[int], field: str) -> None:

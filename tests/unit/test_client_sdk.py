@@ -329,22 +329,46 @@ def test_text_only_never_touches_the_encoder(servers, client):
     assert not request.multimodal_inputs and request.prompt == "Tell me a story."
 
 
-def test_first_request_encodes_then_resends_the_tensor_once(servers, client):
+def test_first_request_encodes_and_sends_the_fresh_tensor_at_once(servers, client):
     image = _png(1)
     result = client.generate(PROMPT, images=[image], max_tokens=2)
     expected_id = encoded_media_id(IMAGE_BYTES, image, IDENTITY)
     assert servers.encoder.methods() == ["GetModelInfo", "LookupEmbeddings", "Encode"]
     assert servers.encoder.calls[1][1].content_ids == [expected_id]
-    assert servers.llm.methods() == ["Generate", "Generate"]
-    first, second = (request for _, request in servers.llm.calls)
-    assert [i.WhichOneof("source") for i in first.multimodal_inputs] == ["content_id"]
-    assert first.multimodal_inputs[0].content_id == expected_id
-    assert [i.WhichOneof("source") for i in second.multimodal_inputs] == ["embedding"]
-    assert second.multimodal_inputs[0].embedding.content_id == expected_id
-    assert first.request_id == second.request_id != ""
+    # the encoder has just computed it, so no LLM service holds it: no ids-only attempt, no NOT_FOUND
+    [(method, request)] = servers.llm.calls
+    assert method == "Generate"
+    assert [i.WhichOneof("source") for i in request.multimodal_inputs] == ["embedding"]
+    sent = request.multimodal_inputs[0].embedding
+    assert sent == servers.encoder.cache[expected_id]
+    assert request.request_id != ""
     assert result.content_ids == (expected_id,)
     assert result.tensors_uploaded == 1 and result.encoder_cache_hits == 0
     assert result.timings.encode_ms > 0 and result.timings.total_ms >= result.timings.encode_ms
+
+
+def test_tensor_the_encoder_had_cached_goes_ids_first(servers, client):
+    image = _png(21)
+    with servers.client(timeout_s=10) as other:  # another client had it encoded (and sent to the LLM)
+        other.generate(PROMPT, images=[image], max_tokens=1)
+    servers.llm.held.clear()  # ... to an LLM replica that no longer holds it
+    servers.llm.calls.clear()
+    result = client.generate(PROMPT, images=[image], max_tokens=2)
+    first, second = (request for _, request in servers.llm.calls)
+    assert [i.WhichOneof("source") for i in first.multimodal_inputs] == ["content_id"]
+    assert [i.WhichOneof("source") for i in second.multimodal_inputs] == ["embedding"]
+    assert first.request_id == second.request_id != ""
+    assert result.tensors_uploaded == 1 and result.encoder_cache_hits == 1
+
+
+def test_url_the_encoder_reports_cached_goes_ids_first(servers, client):
+    servers.encoder.urls["https://example.com/cat.png"] = _png(22)
+    client.generate(PROMPT, images=["https://example.com/cat.png"], max_tokens=1)
+    servers.llm.calls.clear()
+    result = client.generate(PROMPT, images=["https://example.com/cat.png"], max_tokens=1)
+    [(_, request)] = servers.llm.calls  # Encode said cached=True: the LLM got it the first time
+    assert [i.WhichOneof("source") for i in request.multimodal_inputs] == ["content_id"]
+    assert result.tensors_uploaded == 0 and result.encoder_cache_hits == 1
 
 
 def test_identical_second_request_sends_no_tensor_and_hits_the_encoder_cache(servers, client):
@@ -393,21 +417,24 @@ def test_not_found_twice_raises_after_exactly_one_resend(servers, client):
     assert isinstance(info.value, protocol_errors.NotFoundError)
 
 
-def test_only_the_missing_ids_are_resent(servers, client):
-    known, new = _png(6), _png(7)
-    client.generate(PROMPT, images=[known], max_tokens=1)
+def test_only_the_missing_ids_are_resent_with_the_fresh_ones(servers, client):
+    known, lost, new = _png(6), _png(7), _png(23)
+    client.generate("USER: <image> <image>\nCompare. ASSISTANT:", images=[known, lost], max_tokens=1)
+    lost_id = encoded_media_id(IMAGE_BYTES, lost, IDENTITY)
+    del servers.llm.held[lost_id]
     servers.llm.calls.clear()
-    prompt = "USER: <image> <image> <image>\nCompare. ASSISTANT:"
-    result = client.generate(prompt, images=[known, new, new], max_tokens=1)
-    resend = servers.llm.calls[1][1]
-    assert [i.WhichOneof("source") for i in resend.multimodal_inputs] == [
-        "content_id",
-        "embedding",
-        "content_id",
-    ]
-    assert result.tensors_uploaded == 1
-    assert len(set(result.content_ids)) == 2 and result.content_ids[1] == result.content_ids[2]
-    [encode] = [r for name, r in servers.encoder.calls if name == "Encode"][1:]
+    servers.encoder.calls.clear()
+    prompt = "USER: <image> <image> <image> <image>\nCompare. ASSISTANT:"
+    result = client.generate(prompt, images=[known, lost, new, new], max_tokens=1)
+    first, resend = (request for _, request in servers.llm.calls)
+    sources = [[i.WhichOneof("source") for i in r.multimodal_inputs] for r in (first, resend)]
+    assert sources[0] == ["content_id", "content_id", "embedding", "content_id"]
+    # the fresh embedding goes again: the replica that answered NOT_FOUND may not have kept it
+    assert sources[1] == ["content_id", "embedding", "embedding", "content_id"]
+    assert resend.multimodal_inputs[1].embedding.content_id == lost_id
+    assert result.tensors_uploaded == 3
+    assert len(set(result.content_ids)) == 3 and result.content_ids[2] == result.content_ids[3]
+    [encode] = [r for name, r in servers.encoder.calls if name == "Encode"]
     assert len(encode.items) == 1  # the duplicate image is encoded once
 
 
@@ -619,10 +646,21 @@ def test_stream_deltas_join_to_the_unary_result(servers, client):
     assert 0 < last.timings.time_to_first_token_ms <= last.timings.total_ms
 
 
+def test_stream_sends_a_fresh_tensor_at_once(servers, client):
+    deltas = list(client.generate(PROMPT, images=[_png(24)], max_tokens=2, stream=True))
+    assert servers.llm.methods() == ["GenerateStream"]
+    assert deltas[-1].tensors_uploaded == 1
+    assert servers.llm.calls[0][1].multimodal_inputs[0].WhichOneof("source") == "embedding"
+
+
 def test_stream_resends_the_tensor_on_not_found(servers, client):
+    client.generate(PROMPT, images=[_png(13)], max_tokens=1)
+    servers.llm.held.clear()
+    servers.llm.calls.clear()
     deltas = list(client.generate(PROMPT, images=[_png(13)], max_tokens=2, stream=True))
     assert servers.llm.methods() == ["GenerateStream", "GenerateStream"]
     assert deltas[-1].tensors_uploaded == 1
+    assert servers.llm.calls[0][1].multimodal_inputs[0].WhichOneof("source") == "content_id"
     assert servers.llm.calls[1][1].multimodal_inputs[0].WhichOneof("source") == "embedding"
 
 
@@ -652,8 +690,27 @@ def test_async_client_same_flow(servers):
     joined = client_sdk.join_deltas(deltas)
     assert joined.token_ids == first.token_ids and joined.text == first.text
     assert joined.tensors_uploaded == 0 and joined.encoder_cache_hits == 1
-    assert servers.llm.methods() == ["Generate", "Generate", "GenerateStream", "GenerateStream"]
+    assert servers.llm.methods() == ["Generate", "GenerateStream", "GenerateStream"]
+    assert [i.WhichOneof("source") for i in servers.llm.calls[0][1].multimodal_inputs] == ["embedding"]
     assert len(awaited) == 2
+
+
+def test_async_client_resends_on_not_found(servers):
+    image = _png(25)
+
+    async def main():
+        async with client_sdk.AsyncClient(servers.encoder_address, servers.llm_address, timeout_s=10) as c:
+            await c.generate(PROMPT, images=[image], max_tokens=1)
+            servers.llm.held.clear()
+            servers.llm.calls.clear()
+            unary = await c.generate(PROMPT, images=[image], max_tokens=1)
+            servers.llm.held.clear()
+            deltas = [d async for d in c.generate(PROMPT, images=[image], max_tokens=1, stream=True)]
+            return unary, deltas
+
+    unary, deltas = asyncio.run(main())
+    assert servers.llm.methods() == ["Generate", "Generate", "GenerateStream", "GenerateStream"]
+    assert unary.tensors_uploaded == 1 and deltas[-1].tensors_uploaded == 1
 
 
 def test_async_client_errors_and_timeouts(servers):
@@ -762,7 +819,7 @@ def test_cli_streaming_and_comma_separated_images(servers, tmp_path):
     assert code == 0, err
     assert len(servers.encoder.calls[-1][1].items) == 3
     assert servers.llm.calls[0][1].prompt_format == llm_service_pb2.PROMPT_FORMAT_UNSPECIFIED
-    assert servers.llm.methods() == ["GenerateStream", "GenerateStream"]
+    assert servers.llm.methods() == ["GenerateStream"]  # all three fresh: sent whole at once
     assert out.startswith("w") and "time to first token:" in out
 
 

@@ -221,6 +221,23 @@ def test_decode_torch_owns_writable_memory():
     assert address == np.frombuffer(payload, np.uint8).__array_interface__["data"][0]
 
 
+def test_decode_torch_of_a_wire_message_is_private_and_bit_exact():
+    # A LLaVA-sized bf16 prompt table (576 x 4096 = 4.5 MiB) through real protobuf parsing: the tensor
+    # takes over the bytes object that reading the field built, so it must be exact, writable and
+    # shared with nothing (neither the message nor another decode of it).
+    array = _sample("bfloat16", shape=(576, 4096))
+    message = _wire(encode_numpy(array))
+    first, second = decode_torch(message), decode_torch(message)
+    assert first.dtype == torch.bfloat16 and tuple(first.shape) == (576, 4096)
+    np.testing.assert_array_equal(_torch_bits(first), _bits(array))
+    assert first.data_ptr() != second.data_ptr()
+    first[0, 0] = 7.0
+    first.add_(1)
+    np.testing.assert_array_equal(_torch_bits(second), _bits(array))
+    np.testing.assert_array_equal(_bits(decode_numpy(message)), _bits(array))
+    assert encode_torch(second).data == array.tobytes()
+
+
 def test_encode_into_existing_message():
     outer = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_INT8, shape=[9, 9], data=b"stale")
     result = encode_numpy(np.ones((2, 2), dtype=np.float16), out=outer)
