@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-memory-fraction", type=float, default=0.85)
     parser.add_argument("--enforce-eager", action="store_true", help="our engine without CUDA graphs")
     parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | triton | reference")
+    parser.add_argument("--max-prefill-graph-tokens", type=int, default=2048,
+                        help="our engine's piecewise prefill graphs (0: prefill steps run eagerly)")
     parser.add_argument("--merge", action="store_true", help=f"add to an existing {RESULT_FILE}")
     parser.add_argument("--time-budget-s", type=float, default=None, help="start no new point after this")
     args = parser.parse_args(argv)
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = build_engine(
                 models, max_num_seqs=max(concurrencies), max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_memory_fraction=args.kv_memory_fraction, enforce_eager=True if args.enforce_eager else None,
-                attention_backend=args.attention_backend,
+                attention_backend=args.attention_backend, max_prefill_graph_tokens=args.max_prefill_graph_tokens,
             )
         try:
             for n, scenario in enumerate(scenarios):
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     if system == "engine":  # variants get their own name, so --merge keeps them apart
                         label += "_eager" if args.enforce_eager else ""
                         label += "" if args.attention_backend in ("auto", "batched") else f"_{args.attention_backend}"
+                        label += "" if args.max_prefill_graph_tokens == 2048 else f"_pg{args.max_prefill_graph_tokens}"
                     point = {"system": label, "scenario": name, "input": scenario[0], "output": scenario[1],
                              "concurrency": concurrency, "device": env["device"]}
                     if system == "engine":

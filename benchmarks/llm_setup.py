@@ -123,6 +123,7 @@ def release(engine: EngineCore | None) -> None:
     The engine is unusable afterwards."""
     if engine is not None:
         engine.runner.decode_graphs = None  # its graphs hold the memory pool and views of the KV cache
+        engine.runner.prefill_graphs = None
         engine.runner.kv_cache = None
         engine.runner.kv_caches = []
     gc.collect()

@@ -52,7 +52,9 @@ def config_for(num_seqs: int, num_heads: int) -> DecodeKernelConfig:
     return DecodeKernelConfig(block_n=64, heads_per_program=2, num_warps=4, num_stages=2 if num_seqs * num_heads >= 1024 else 1)
 
 
-@triton.jit
+# Table width and split count vary between eager steps: one compiled kernel for all of them (see
+# triton_prefill.py).
+@triton.jit(do_not_specialize=["stride_ts", "num_heads", "num_splits"])
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
     scale,
@@ -114,7 +116,7 @@ def _decode_partial_kernel(
         tl.store(sum_ptr + part, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     out_ptr, acc_ptr, max_ptr, sum_ptr,
     stride_os, stride_oh,

@@ -172,7 +172,9 @@ def _attend_key_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+# The block-table width changes from step to step: not specializing on it (== 1, % 16) keeps one
+# compiled kernel per launch config instead of JIT compiles (~1 s each) in the middle of serving.
+@triton.jit(do_not_specialize=["stride_ts"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, tiles_ptr, query_start_ptr, seq_lens_ptr,
     scale_log2,
