@@ -65,8 +65,8 @@ COLUMNS = {
     "encoder_rpc_ms": "client_encode_ms - EncodeTimings.total_ms: look-up RPC, network, (de)serialization "
                       "of the embedding, SDK work",
     "transfer_ms": "ttft_ms - client_encode_ms - server_ttft_ms: LLM request build and send (content id, "
-                   "or on NOT_FOUND the second send with the whole embedding: see tensors_uploaded), the "
-                   "first token's trip back; clamped at 0",
+                   "a freshly encoded embedding whole, and any resend after NOT_FOUND: see "
+                   "tensors_uploaded), the first token's trip back; clamped at 0",
     "server_ttft_ms": "LLM service: GenerateTimings.time_to_first_token_ms (request received -> first "
                       "token)",
     "queue_ms": "LLM service: GenerateTimings.queue_ms (arrival in the engine -> first scheduled)",
