@@ -20,12 +20,17 @@ FAMILIES = ["llava", "blip2", "vila", "llava_onevision"]  # mllama decodes eager
 
 
 class _Replays:
-    def __init__(self) -> None:
+    """Counts the steps one graph path (`decode_graphs` or `prefill_graphs` of the runner) serves."""
+
+    def __init__(self, attr: str = "decode_graphs") -> None:
+        self.attr = attr
         self.calls = 0
 
     def __call__(self, engine) -> None:
-        graphs = engine.runner.decode_graphs
-        assert graphs is not None and graphs.graphs, "no decode graph was captured"
+        graphs = getattr(engine.runner, self.attr)
+        assert graphs is not None and graphs.graphs, f"no {self.attr} graph was captured"
+        if self.attr == "prefill_graphs":
+            assert set(graphs.graphs) == set(graphs.buckets), "a token bucket was not captured"
         run = graphs.run
 
         def counted(*args, **kwargs):
@@ -43,11 +48,8 @@ def _outputs(ckpt, cases, dtype: str, backend: str, *, enforce_eager: bool, prep
     return outputs
 
 
-@pytest.mark.parametrize("backend", ["batched", "triton"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_graphs_equal_eager_fp32_and_hf(references, family, backend):  # noqa: F811
+def _check_graphs_equal_eager_and_hf(references, family: str, backend: str, replays: _Replays) -> None:  # noqa: F811
     ckpt, cases = references(family)
-    replays = _Replays()
     graphs = _outputs(ckpt, cases, "float32", backend, enforce_eager=False, prepare=replays)
     eager = _outputs(ckpt, cases, "float32", backend, enforce_eager=True)
     assert replays.calls > 0
@@ -56,34 +58,15 @@ def test_graphs_equal_eager_fp32_and_hf(references, family, backend):  # noqa: F
         assert graphs[f"req-{i}"] == cases[i % len(cases)][1].output_token_ids, f"{family} req-{i}"
 
 
-
-class _PrefillReplays:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, engine) -> None:
-        graphs = engine.runner.prefill_graphs
-        assert graphs is not None and graphs.graphs, "no prefill graph was captured"
-        assert set(graphs.graphs) == set(graphs.buckets)
-        run = graphs.run
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return run(*args, **kwargs)
-
-        graphs.run = counted
+@pytest.mark.parametrize("backend", ["batched", "triton"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphs_equal_eager_fp32_and_hf(references, family, backend):  # noqa: F811
+    _check_graphs_equal_eager_and_hf(references, family, backend, _Replays("decode_graphs"))
 
 
 @pytest.mark.parametrize("backend", ["batched", "triton"])
 @pytest.mark.parametrize("family", ["llava", "vila", "llava_onevision"])
 def test_prefill_graphs_equal_eager_fp32_and_hf(references, family, backend):  # noqa: F811
     """Prefill chunks, image rows and mixed steps replay the piecewise graphs (on by default with
-    CUDA graphs); greedy ids equal the eager engine's and HF's."""
-    ckpt, cases = references(family)
-    replays = _PrefillReplays()
-    graphs = _outputs(ckpt, cases, "float32", backend, enforce_eager=False, prepare=replays)
-    eager = _outputs(ckpt, cases, "float32", backend, enforce_eager=True)
-    assert replays.calls > 0
-    assert graphs == eager
-    for i in range(16):
-        assert graphs[f"req-{i}"] == cases[i % len(cases)][1].output_token_ids, f"{family} req-{i}"
+    CUDA graphs), every token bucket captured; greedy ids equal the eager engine's and HF's."""
+    _check_graphs_equal_eager_and_hf(references, family, backend, _Replays("prefill_graphs"))

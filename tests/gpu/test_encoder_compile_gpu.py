@@ -45,6 +45,20 @@ def _features(engine, batch) -> torch.Tensor:
     return torch.stack([o.features for o in outputs])
 
 
+def _assert_matches_eager(fast, eager, reference, *, seed: int) -> None:
+    """`fast`'s features equal eager bf16's within the bf16 tolerance (fp32 as the reference) for
+    batches that hit a bucket, pad up to one, and run in chunks (6 = 4 + 2)."""
+    for count in (1, 3, 4, 6):
+        batch = [eager.preprocess(MediaInput(images=_images(count, seed=seed + count)))]
+        ours, bf16, fp32 = (_features(e, batch) for e in (fast, eager, reference))
+        assert ours.dtype == torch.bfloat16 and ours.shape == bf16.shape == (count, 16, 64)
+        assert _relative(ours, fp32) <= max(2 * _relative(bf16, fp32), 1e-2), (
+            _relative(ours, fp32),
+            _relative(bf16, fp32),
+        )
+        assert _relative(ours, bf16) <= 5e-2, _relative(ours, bf16)
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_checkpoint):
     checkpoint = tiny_checkpoint("llava")
@@ -63,15 +77,7 @@ def test_compiled_features_equal_eager_within_bf16_tolerance(engines):
     eager, reference, fast = engines
     assert sorted(fast.compute.compile_seconds) == list(BUCKETS)
     graphs = counters["stats"]["unique_graphs"]
-    for count in (1, 3, 4, 6):  # 3 runs padded to 4; 6 runs as 4 + 2
-        batch = [eager.preprocess(MediaInput(images=_images(count, seed=count)))]
-        ours, bf16, fp32 = (_features(e, batch) for e in (fast, eager, reference))
-        assert ours.dtype == torch.bfloat16 and ours.shape == bf16.shape == (count, 16, 64)
-        assert _relative(ours, fp32) <= max(2 * _relative(bf16, fp32), 1e-2), (
-            _relative(ours, fp32),
-            _relative(bf16, fp32),
-        )
-        assert _relative(ours, bf16) <= 5e-2, _relative(ours, bf16)
+    _assert_matches_eager(fast, eager, reference, seed=0)
     assert counters["stats"]["unique_graphs"] == graphs  # every shape was compiled during warm-up
 
 
@@ -88,15 +94,7 @@ def test_layer_scope_features_equal_eager_within_bf16_tolerance(engines, tiny_ch
     assert fast.compute.compiled and sorted(fast.compute.compile_seconds) == list(BUCKETS)
     assert counters["stats"]["unique_graphs"] - before == 2 * len(BUCKETS)  # (layer, projector) per bucket
     graphs = counters["stats"]["unique_graphs"]
-    for count in (1, 3, 4, 6):
-        batch = [eager.preprocess(MediaInput(images=_images(count, seed=20 + count)))]
-        ours, bf16, fp32 = (_features(e, batch) for e in (fast, eager, reference))
-        assert ours.dtype == torch.bfloat16 and ours.shape == bf16.shape == (count, 16, 64)
-        assert _relative(ours, fp32) <= max(2 * _relative(bf16, fp32), 1e-2), (
-            _relative(ours, fp32),
-            _relative(bf16, fp32),
-        )
-        assert _relative(ours, bf16) <= 5e-2, _relative(ours, bf16)
+    _assert_matches_eager(fast, eager, reference, seed=20)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -176,11 +174,6 @@ def test_cuda_graph_replay_equals_eager_and_outputs_survive_the_next_call(engine
     first_batch = [eager.preprocess(MediaInput(images=_images(3, seed=40)))]
     first = _features(fast, first_batch)
     kept = first.clone()
-    for count in (1, 3, 4, 6):
-        batch = [eager.preprocess(MediaInput(images=_images(count, seed=50 + count)))]
-        ours, bf16, fp32 = (_features(e, batch) for e in (fast, eager, reference))
-        assert ours.shape == bf16.shape == (count, 16, 64)
-        assert _relative(ours, fp32) <= max(2 * _relative(bf16, fp32), 1e-2)
-        assert _relative(ours, bf16) <= 5e-2
+    _assert_matches_eager(fast, eager, reference, seed=50)
     assert torch.equal(first, kept)
     assert replays >= 6  # 3, then 1, 3, 4, 6 (= 4 + 2): every call replayed
