@@ -13,7 +13,8 @@ token is when the first token arrived.
   the very same requests (same image bytes, same text) are sent again at the same concurrency: TTFT
   with encoder-cache and KV-prefix hits; `cached_prompt_tokens` and `encoder_cache_hits` prove them.
 
-Every point is preceded by an untimed warm-up (its own distinct images) at the same concurrency.
+Every point is preceded by an untimed warm-up (its own distinct images, at least 4) at the same
+concurrency.
 Timings of the encoder's `Encode` RPC (queue / decode / preprocess / model) are read from the
 responses the SDK receives (its `_call` is wrapped per thread); the LLM service's from the final
 stream message (`GenerateResult.timings`).
@@ -327,7 +328,10 @@ def run(args, model_dir: Path, gpu: bool, concurrencies: list[int], outputs: lis
             for max_tokens in outputs:
                 for concurrency in concurrencies:
                     num = max(args.min_requests, args.requests_per_concurrency * concurrency)
-                    warm = [make_image(next(seed)) for _ in range(min(concurrency, num))]
+                    # at least 4 warm-up requests: at c=1 one may leave first-request costs in the
+                    # timed run (on an H100 the first point, c=1 out 16, gave 78 ms TTFT; c=1 out 128
+                    # later in the same run 59 ms)
+                    warm = [make_image(next(seed)) for _ in range(max(4, min(concurrency, num)))]
                     images = [make_image(next(seed)) for _ in range(num)]
                     bench.run(warm, question, min(max_tokens, 4), concurrency)  # warm-up, untimed
                     run = bench.run(images, question, max_tokens, concurrency)
