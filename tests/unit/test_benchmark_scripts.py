@@ -44,6 +44,18 @@ def test_decode_throughput_and_summary_smoke(scripts, tmp_path):
     assert summary["targets"]["decode_bs1_ms_per_token"]["met"] is None  # not judged off an H100
 
 
+def test_profile_prefill_smoke(scripts, tmp_path, tiny_checkpoint):
+    """The engine-side TTFT profile on the tiny llava: image, repeat (prefix hit) and text cases."""
+    assert scripts("profile_prefill").main([
+        "--model", str(tiny_checkpoint("llava")), "--device", "cpu", "--out", str(tmp_path), "--runs", "1",
+        "--image-rows", "16",
+    ]) == 0
+    point = json.loads((tmp_path / "profile_prefill.json").read_text())["variants"]["default"]
+    assert point["image"]["prompt_tokens"] == point["image_repeat"]["prompt_tokens"] == point["text"]["prompt_tokens"]
+    assert point["image"]["cached_tokens"] == 0 and point["image_repeat"]["cached_tokens"] > 0
+    assert point["profile_image"]["wall_ms_profiled"] > 0
+
+
 def test_attention_micro_benchmark_smoke(scripts, tmp_path):
     assert scripts("bench_attention").main([
         "--device", "cpu", "--out", str(tmp_path), "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
