@@ -3,15 +3,19 @@ steps.
 
 Why: an eager prefill step of a 7B model is host-bound. Measured on an H100 (profile_prefill.py,
 LLaVA-1.5-7B shapes, one 607-token image prompt): 14.3 ms of kernels, 39.8 ms of wall time, because
-the host needs longer to launch each of the ~670 kernels than the GPU needs to run it.
+the host needs longer to launch each of the ~670 kernels than the GPU needs to run it. With these
+graphs the same step took 18.2 ms.
 
 What is captured: everything but attention, which depends on each sequence's context length and so
 cannot be one graph for all steps of a token count. For a padded token count N the step is split at
 every layer's attention into L + 1 graphs:
 
-    graph 0:      rotary(positions); layer 0 before attention (norm, q/k/v, rotary, K/V write)
+    graph 0:      layer 0 before attention (norm, q/k/v, rotary, K/V write)
     graph i:      layer i-1 after attention (o_proj, add + norm, MLP); layer i before attention
     graph L:      layer L-1 after attention; final norm
+
+(each graph looks up its rotary cos/sin from the positions itself: two small gathers, and nothing
+has to live in the shared pool from one graph to the next)
 
 and between two graphs attention runs eagerly (`paged_attention` over the real rows only, with the
 step's ordinary metadata: one Triton launch per kernel kind). Everything in the graphs is row-wise,
