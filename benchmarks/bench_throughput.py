@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | triton | reference")
     parser.add_argument("--max-prefill-graph-tokens", type=int, default=2048,
                         help="our engine's piecewise prefill graphs (0: prefill steps run eagerly)")
+    parser.add_argument("--hf-concurrency", default=None,
+                        help="concurrencies of the HF baselines (default: --concurrency); they are slow")
+    parser.add_argument("--hf-requests-per-concurrency", type=int, default=None,
+                        help="HF baselines' requests per point = max(hf-min-requests, this x concurrency)")
+    parser.add_argument("--hf-min-requests", type=int, default=None, help="default: --min-requests")
     parser.add_argument("--merge", action="store_true", help=f"add to an existing {RESULT_FILE}")
     parser.add_argument("--time-budget-s", type=float, default=None, help="start no new point after this")
     args = parser.parse_args(argv)
@@ -200,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     scenarios = _scenarios(args.scenarios or ("16/8,64/8" if args.tiny else "128/128,128/512,2048/128"))
     concurrencies = _ints(args.concurrency or ("1,4" if args.tiny else "1,8,32,64,128,256"))
+    hf_concurrencies = set(_ints(args.hf_concurrency)) if args.hf_concurrency else set(concurrencies)
+    hf_per_concurrency = args.hf_requests_per_concurrency or args.requests_per_concurrency
+    hf_min_requests = args.hf_min_requests or args.min_requests
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -236,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for n, scenario in enumerate(scenarios):
                 for concurrency in concurrencies:
+                    if system != "engine" and concurrency not in hf_concurrencies:
+                        continue
                     name = f"{scenario[0]}/{scenario[1]}"
                     label = system
                     if system == "engine":  # variants get their own name, so --merge keeps them apart
@@ -251,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                         if not any(_key(p) == _key(point) for p in results["points"]):  # keep an older value
                             record({**point, "output_tok_s": None, "reason": "not run: --time-budget-s reached"})
                         continue
-                    num_requests = max(args.min_requests, args.requests_per_concurrency * concurrency)
+                    if system == "engine":
+                        num_requests = max(args.min_requests, args.requests_per_concurrency * concurrency)
+                    else:
+                        num_requests = max(hf_min_requests, hf_per_concurrency * concurrency)
                     try:
                         stats = run_point(system, models, engine, scenario, concurrency, num_requests,
                                           seed=10_000 * n + concurrency)

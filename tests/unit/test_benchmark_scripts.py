@@ -35,6 +35,16 @@ def test_decode_throughput_and_summary_smoke(scripts, tmp_path):
     ]) == 0
     points = json.loads((out / "throughput.json").read_text())["points"]
     assert {(p["system"], p["output_tokens"]) for p in points} == {("engine", 16), ("hf_static", 16)}
+    # the HF baselines can run at fewer concurrencies and with fewer requests than our engine
+    assert scripts("bench_throughput").main([
+        "--tiny", "--device", "cpu", "--out", str(out), "--systems", "engine,hf_static", "--merge",
+        "--scenarios", "8/4", "--concurrency", "1,2", "--hf-concurrency", "2",
+        "--hf-requests-per-concurrency", "1", "--hf-min-requests", "1",
+    ]) == 0
+    points = json.loads((out / "throughput.json").read_text())["points"]
+    assert sorted((p["system"], p["concurrency"], p["num_requests"]) for p in points) == [
+        ("engine", 1, 4), ("engine", 2, 4), ("hf_static", 2, 2)
+    ]
 
     summary = scripts("summary").summarize(out)
     assert summary["decode_bs1_ms_per_token"] == decode["headline"]["decode_bs1_ms_per_token"]
