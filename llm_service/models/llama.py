@@ -29,21 +29,13 @@ class LlamaMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self.is_silu = config.hidden_act == "silu"
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [T, H] -> [T, H]; plus `residual` [T, H] when given, added inside the down-projection GEMM
-        (cuBLAS's beta=1 epilogue) rather than by a separate kernel."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.is_silu and x.dim() == 2:  # one fused kernel for SiLU(gate) * up
             from llm_service.layers import triton_ops
 
-            act = triton_ops.silu_and_mul(self.gate_up_proj(x))
-        else:
-            gate, up = self.gate_up_proj.forward_split(x)  # [T, H] -> 2 x [T, I]
-            act = self.act_fn(gate) * up
-        if residual is None:
-            return self.down_proj(act)
-        if self.down_proj.bias is None and act.dim() == 2:
-            return torch.addmm(residual, act, self.down_proj.weight.t())
-        return residual + self.down_proj(act)
+            return self.down_proj(triton_ops.silu_and_mul(self.gate_up_proj(x)))
+        gate, up = self.gate_up_proj.forward_split(x)  # [T, H] -> 2 x [T, I]
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class LlamaAttention(nn.Module):
@@ -95,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
         """The rest of the layer: x [T, H] residual stream, attn_out [T, Hq, D] or [T, H] -> x [T, H]."""
         attn_out = self.self_attn.o_proj(attn_out.reshape(x.shape[0], -1))
         h, x = self.post_attention_layernorm.add_and_norm(attn_out, x)  # x += attn_out; h = norm(x)
-        return self.mlp(h, residual=x)  # x + mlp(h)
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):
