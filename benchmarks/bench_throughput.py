@@ -11,7 +11,9 @@ Every point is preceded by an untimed warm-up of the same shape. Points whose KV
 that fail, are recorded with `output_tok_s: null` and a reason. The JSON is rewritten after every
 point, so a run cut short keeps what it measured; `--merge` adds to an existing file (replacing the
 same system/scenario/concurrency), so a sweep can be split over several calls; `--time-budget-s`
-stops starting new points after that long.
+stops starting new points after that long. Every point records its KV cache dtype; `--kv-cache-dtype
+fp8_e4m3` runs our engine with an fp8 cache, recorded as its own variant (`engine_fp8kv`, with its
+block count in `num_kv_blocks`).
 
     python benchmarks/bench_throughput.py --out benchmarks/results --scenarios 128/128 --merge
     python benchmarks/bench_throughput.py --tiny --out /tmp/bench          # CPU smoke run
@@ -193,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | triton | reference")
     parser.add_argument("--max-prefill-graph-tokens", type=int, default=2048,
                         help="our engine's piecewise prefill graphs (0: prefill steps run eagerly)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8_e4m3"), default="auto",
+                        help="our engine's KV cache: auto = the model dtype; fp8_e4m3 = float8_e4m3fn "
+                        "(saturating, scale 1.0: twice the blocks); the HF baselines keep the model dtype")
     parser.add_argument("--hf-concurrency", default=None,
                         help="concurrencies of the HF baselines (default: --concurrency); they are slow")
     parser.add_argument("--hf-requests-per-concurrency", type=int, default=None,
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 models, max_num_seqs=max(concurrencies), max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_memory_fraction=args.kv_memory_fraction, enforce_eager=True if args.enforce_eager else None,
                 attention_backend=args.attention_backend, max_prefill_graph_tokens=args.max_prefill_graph_tokens,
+                kv_cache_dtype=args.kv_cache_dtype,
             )
         try:
             for n, scenario in enumerate(scenarios):
@@ -252,11 +258,16 @@ def main(argv: list[str] | None = None) -> int:
                         label += "_eager" if args.enforce_eager else ""
                         label += "" if args.attention_backend in ("auto", "batched") else f"_{args.attention_backend}"
                         label += "" if args.max_prefill_graph_tokens == 2048 else f"_pg{args.max_prefill_graph_tokens}"
+                        label += "" if args.kv_cache_dtype == "auto" else "_fp8kv"
                     point = {"system": label, "scenario": name, "input": scenario[0], "output": scenario[1],
                              "concurrency": concurrency, "device": env["device"]}
+                    # the KV cache's element type: the engine's as configured, the model dtype for HF's
+                    point["kv_cache_dtype"] = results["dtype"]
                     if system == "engine":
                         point["cuda_graphs"] = engine.config.use_cuda_graphs
                         point["attention_backend"] = engine.config.attention_backend
+                        point["kv_cache_dtype"] = str(engine.runner.kv_cache_dtype).removeprefix("torch.")
+                        point["num_kv_blocks"] = engine.scheduler.config.num_blocks
                     if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
                         if not any(_key(p) == _key(point) for p in results["points"]):  # keep an older value
                             record({**point, "output_tok_s": None, "reason": "not run: --time-budget-s reached"})

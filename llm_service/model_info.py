@@ -22,6 +22,7 @@ class ModelDescription:
     embedding_kind: str  # PROMPT_TABLE or CROSS_ATTENTION
     hidden_size: int
     dtype: str  # canonical dtype name the model computes in, e.g. "float32"
+    kv_cache_dtype: str  # the paged KV cache's element type, e.g. "bfloat16" or "float8_e4m3fn"
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
@@ -59,6 +60,7 @@ def describe_model(core: EngineCore, model_dir: str | Path) -> ModelDescription:
         embedding_kind=CROSS_ATTENTION if core.runner.is_cross_attention_model else PROMPT_TABLE,
         hidden_size=int(core.hidden_size),
         dtype=str(core.config.torch_dtype).removeprefix("torch."),
+        kv_cache_dtype=str(core.runner.kv_cache_dtype).removeprefix("torch."),
         max_model_len=int(core.max_model_len),
         vocab_size=int(core.vocab_size),
         eos_token_ids=tuple(int(t) for t in core.eos_token_ids),

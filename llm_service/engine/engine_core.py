@@ -31,7 +31,7 @@ from llm_service.engine.prompt import MultimodalItem, PromptBuilder, placeholder
 from llm_service.engine.request import FinishReason, Request
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.engine.scheduler import Scheduler, SchedulerConfig
-from llm_service.layers.attention import resolve_attention_backend
+from llm_service.layers.attention import KV_CACHE_DTYPES, resolve_attention_backend, resolve_kv_cache_dtype
 from llm_service.models.loader import build_decoder, inspect_checkpoint
 from llm_service.models.mllama import MllamaForCausalLM
 from vlm_protocol.errors import InvalidArgumentError
@@ -77,6 +77,12 @@ class EngineConfig:
     # max_num_batched_tokens) run as piecewise CUDA graphs around an eager attention (see
     # prefill_graphs.py) wherever decode graphs are on; 0 turns them off. Longer steps run eagerly.
     max_prefill_graph_tokens: int = 2048
+    # The paged KV cache's element type: "auto" = the model dtype; "fp8_e4m3" = float8_e4m3fn with a
+    # per-tensor scale of 1.0 (K/V stored as the nearest e4m3 value, saturated to +-448): half the
+    # bytes, so twice the blocks for the same memory and half the K/V reads of a decode step. The
+    # triton backend needs compute capability >= 8.9 for it. mllama's cross-attention K/V (per request,
+    # not paged) stay in the model dtype. Calibrated scales are future work. See layers/attention.py.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -86,6 +92,11 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         resolve_attention_backend(self.attention_backend, self.device_type)  # ValueError on a bad name
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            choices = ", ".join(KV_CACHE_DTYPES)
+            raise ValueError(f"kv_cache_dtype must be one of {choices}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.device_type not in ("cpu", "cuda"):
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs a CPU or CUDA device, got {self.device!r}")
         if self.enforce_eager is False and not self.device.startswith("cuda"):
             raise ValueError(f"enforce_eager=False needs a CUDA device (CUDA graphs), got device {self.device!r}")
         if self.max_graph_batch_size < 1:
@@ -114,6 +125,10 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return _DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return resolve_kv_cache_dtype(self.kv_cache_dtype, self.torch_dtype)
 
 
 @dataclass
@@ -181,6 +196,21 @@ def _eos_token_ids(decoder_dir: Path, root: Path, tokenizer) -> tuple[int, ...]:
             if eos is not None:
                 return tuple(eos) if isinstance(eos, list) else (eos,)
     return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+
+
+def kv_cache_bytes_per_block(model: nn.Module, config: EngineConfig) -> int:
+    """Bytes of one KV block over all layers, K and V, in the cache dtype (fp8: half of bf16)."""
+    num_kv_heads, head_dim = model.kv_shape
+    elements = 2 * model.num_layers * config.block_size * num_kv_heads * head_dim
+    return elements * config.kv_cache_torch_dtype.itemsize
+
+
+def kv_blocks_for_memory(model: nn.Module, config: EngineConfig, free_bytes: int) -> int:
+    """How many KV blocks `config.kv_memory_fraction` of `free_bytes` holds."""
+    num_blocks = int(free_bytes * config.kv_memory_fraction) // kv_cache_bytes_per_block(model, config)
+    if num_blocks < 1:
+        raise RuntimeError("no GPU memory left for the KV cache after loading the weights")
+    return num_blocks
 
 
 class EngineCore:
@@ -273,6 +303,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             max_graph_batch_size=min(config.max_graph_batch_size, config.max_num_seqs),
             max_prefill_graph_tokens=min(config.max_prefill_graph_tokens, config.max_num_batched_tokens),
+            kv_cache_dtype=config.kv_cache_torch_dtype,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -290,23 +321,16 @@ class EngineCore:
         self._deferred: list = []  # token updates whose text is produced during the next step
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None  # a queued continuation step
         logger.info(
-            "engine ready: family=%s device=%s dtype=%s kv_blocks=%d x %d tokens",
-            self.family, self.device, config.torch_dtype, num_blocks, config.block_size,
+            "engine ready: family=%s device=%s dtype=%s kv_cache_dtype=%s kv_blocks=%d x %d tokens (%.2f GiB)",
+            self.family, self.device, config.torch_dtype, config.kv_cache_torch_dtype, num_blocks,
+            config.block_size, num_blocks * kv_cache_bytes_per_block(model, config) / 2**30,
         )
 
     def _auto_num_blocks(self) -> int:
         if self.device.type != "cuda":
             return _CPU_DEFAULT_KV_BLOCKS
-        num_kv_heads, head_dim = self.model.kv_shape
-        bytes_per_block = (
-            2 * self.model.num_layers * self.config.block_size * num_kv_heads * head_dim
-            * self.config.torch_dtype.itemsize
-        )
         free, _ = torch.cuda.mem_get_info(self.device)
-        num_blocks = int(free * self.config.kv_memory_fraction) // bytes_per_block
-        if num_blocks < 1:
-            raise RuntimeError("no GPU memory left for the KV cache after loading the weights")
-        return num_blocks
+        return kv_blocks_for_memory(self.model, self.config, free)
 
     # --- requests ---------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from llm_service.engine.cuda_graphs import DecodeGraphs
 from llm_service.engine.outputs import CONTINUATION_TOKEN, ModelRunnerOutput, SchedulerOutput
 from llm_service.engine.prefill_graphs import PrefillGraphs, supports_piecewise
 from llm_service.engine.request import Request
-from llm_service.layers.attention import AttentionMetadata, resolve_attention_backend
+from llm_service.layers.attention import AttentionMetadata, check_kv_cache_dtype, resolve_attention_backend
 from llm_service.layers.sampler import PendingSample, SamplingBatch, SamplingRow, launch_sample, to_device
 from llm_service.models.mllama import CrossAttentionInputs, MllamaForCausalLM
 
@@ -50,7 +50,9 @@ class MultimodalEmbedding:
 
 @dataclass
 class _CrossState:
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: [L_enc, Hkv, D]
+    # per cross-attention layer: [L_enc, Hkv, D], always in the model dtype (an fp8 `kv_cache_dtype`
+    # covers the paged self-attention cache only: these are per request, outside the block budget)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
     image_ranges: torch.Tensor  # [n_img, 2] token positions [start, end) that see image i
     tile_valid: torch.Tensor  # [n_img, max_tiles] bool
     num_patches: int
@@ -122,11 +124,15 @@ class ModelRunner:
         max_model_len: int | None = None,
         max_graph_batch_size: int = 256,
         max_prefill_graph_tokens: int = 0,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.attention_backend = resolve_attention_backend(attention_backend, torch.device(device).type)
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # the model's (activations, queries, attention outputs, cross-attention K/V)
+        # the paged cache's: the model dtype, or float8_e4m3fn (written saturated, upcast on every read)
+        self.kv_cache_dtype = kv_cache_dtype or dtype
+        check_kv_cache_dtype(self.kv_cache_dtype, self.attention_backend, device)
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.image_token_id = image_token_id
@@ -135,7 +141,8 @@ class ModelRunner:
         # last block is scratch space no request owns: padded rows of a CUDA-graph batch write there.
         self.scratch_block = num_blocks
         self.kv_cache = torch.zeros(
-            model.num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+            model.num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim,
+            dtype=self.kv_cache_dtype, device=device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model.num_layers)]
         self.generator = torch.Generator(device=device)

@@ -26,10 +26,18 @@ Three implementations behind the same `AttentionMetadata` (chosen by `metadata.b
   step like the groups. CUDA only (or `TRITON_INTERPRET=1`).
 * `reference`: one SDPA call per sequence (exact, slow: a Python loop over the batch); kept to check
   the batched path against.
+
+Cache dtype (`kv_cache_dtype`, see `resolve_kv_cache_dtype`): the model dtype by default, or
+`float8_e4m3fn` (`fp8_e4m3`: half the bytes, so twice the blocks in the same memory and half the K/V
+traffic of a decode step). FP8 uses one per-tensor scale of 1.0: a K/V value is stored as the nearest
+e4m3 value (3 mantissa bits, ties to even), saturated to +-448 (never NaN; `write_kv` and the Triton
+write kernel both clamp before the cast). Every reader upcasts what it loads to the query dtype and
+accumulates in fp32 as before. Calibrated (per-layer or per-head) scales are future work.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import logging
@@ -48,6 +56,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "reference", "batched", "triton")
+# --kv-cache-dtype choices: auto = the model dtype
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn: stored K/V saturate here
 # Most key positions one SDPA call gathers (G * L_max): 128k positions of Llama-7B-shaped K+V are
 # 2 GiB of transient memory per layer.
 DEFAULT_MAX_GATHER_TOKENS = 128 * 1024
@@ -74,6 +85,53 @@ def resolve_attention_backend(name: str, device_type: str = "cpu") -> str:
         if not has_triton:
             raise ValueError("attention_backend 'triton' needs the triton package (pip install triton)")
     return name
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`auto` -> the model dtype, `fp8_e4m3` -> `torch.float8_e4m3fn` (scale 1.0, saturating cast).
+    Other names are a ValueError."""
+    if name == "auto":
+        return model_dtype
+    if name == "fp8_e4m3":
+        return torch.float8_e4m3fn
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == torch.float8_e4m3fn
+
+
+def triton_fp8_supported(device: torch.device | str) -> bool:
+    """Whether Triton kernels may load and store float8_e4m3fn on `device`: CUDA compute capability
+    >= 8.9 (Ada, Hopper and later), or CPU tensors (the Triton interpreter, `TRITON_INTERPRET=1`)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return _cuda_capability(device.index) >= (8, 9)
+
+
+@functools.cache
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def check_kv_cache_dtype(kv_cache_dtype: torch.dtype, backend: str, device: torch.device | str) -> None:
+    """Raise a ValueError where a cache of `kv_cache_dtype` cannot serve `backend` (resolved) on `device`:
+    fp8 needs a CPU or CUDA device, and the triton backend's kernels need compute capability >= 8.9.
+    (On older GPUs the SDPA backends still take an fp8 cache: they upcast with torch ops, and the K/V
+    write falls back from the fused Triton kernel to `write_kv`.)"""
+    if not is_fp8(kv_cache_dtype):
+        return
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"kv_cache_dtype fp8_e4m3 needs a CPU or CUDA device, got {device.type!r}")
+    if backend == "triton" and device.type == "cuda" and not triton_fp8_supported(device):
+        major, minor = _cuda_capability(device.index)
+        raise ValueError(
+            f"kv_cache_dtype fp8_e4m3 with attention_backend 'triton' needs a GPU of compute capability >= 8.9 "
+            f"(Ada/Hopper); {torch.cuda.get_device_name(device)} is {major}.{minor}. Use kv_cache_dtype auto, "
+            "or attention_backend batched"
+        )
 
 
 @dataclass
@@ -304,12 +362,32 @@ def _prefill_group(
     )
 
 
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """`x` as the cache stores it: for fp8, clamped to +-448 first (older torch versions turn a finite
+    overflow into NaN instead of saturating), then rounded to the nearest e4m3 value (ties to even)."""
+    if is_fp8(cache_dtype):
+        x = x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return x.to(cache_dtype)
+
+
+def _as_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """A one-byte float cache viewed as uint8 (copies and gathers of it are byte moves, and torch lacks
+    some fp8 kernels: `index_copy_` on CPU); other caches as they are."""
+    return cache.view(torch.uint8) if is_fp8(cache.dtype) else cache
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`cache[blocks]` for a `[N, bs, Hkv, D]` cache and a flat block id tensor, in the cache dtype."""
+    return _as_bytes(cache).index_select(0, blocks).view(cache.dtype)
+
+
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     # key/value: [T, Hkv, D]; caches: [N, bs, Hkv, D]; one scatter per cache, no per-token work
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+    for x, cache in ((key, k_cache), (value, v_cache)):
+        flat = _as_bytes(cache).view(-1, *cache.shape[2:])  # [N * bs, Hkv, D]
+        flat.index_copy_(0, slots, _as_bytes(to_cache_dtype(x, cache.dtype)))
 
 
 def paged_attention(
@@ -355,9 +433,9 @@ def _attend_group(
     rep = num_heads // num_kv_heads
     q = query if group.query_index is None else query.index_select(0, group.query_index)  # [G * Q, Hq, D]
     blocks = group.block_tables.reshape(-1)
-    # [G * nb, bs, Hkv, D] -> [G, Hkv, L, D]
-    k = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # [G * nb, bs, Hkv, D] -> [G, Hkv, L, D] (in the cache dtype: an fp8 cache is upcast below)
+    k = gather_blocks(k_cache, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = gather_blocks(v_cache, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # Query heads h*rep .. h*rep+rep-1 read KV head h (repeat_interleave order): fold them into the
     # query axis, [G, Q, Hkv, rep, D] -> [G, Hkv, Q * rep, D]; for Q == 1 this is a view.
     q = q.view(num_seqs, num_queries, num_kv_heads, rep, head_dim).transpose(1, 2)
@@ -387,8 +465,10 @@ def paged_attention_reference(
         num_queries, context_len = end - start, meta.seq_lens[i]
         num_blocks = -(-context_len // meta.block_size)
         blocks = meta.block_tables[i, :num_blocks]
-        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]  # [L, Hkv, D]
-        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]
+        # [L, Hkv, D], upcast to the query dtype (a no-op unless the cache is fp8)
+        keys = gather_blocks(k_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:context_len]
+        values = gather_blocks(v_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:context_len]
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
         if group > 1:
             keys = keys.repeat_interleave(group, dim=1)
             values = values.repeat_interleave(group, dim=1)

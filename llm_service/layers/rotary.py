@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llm_service.layers.attention import write_kv
+from llm_service.layers.attention import is_fp8, triton_fp8_supported, write_kv
 
 
 def _default_inv_freq(config) -> tuple[torch.Tensor, float]:
@@ -57,9 +57,11 @@ def rotary_and_write_kv(
     """Rotary embedding of q and k, then k and v into their cache slots; returns the rotated q.
 
     q: [T, Hq, D], k/v: [T, Hkv, D] (may be strided views of one fused projection), cos/sin: [T, D].
-    On CUDA with a power-of-two head dim this is one Triton kernel (q is rotated in place)."""
+    On CUDA with a power-of-two head dim this is one Triton kernel (q is rotated in place), except for
+    an fp8 cache on a GPU older than compute capability 8.9 (Triton cannot store fp8 there)."""
     head_dim = q.shape[-1]
-    if q.is_cuda and head_dim & (head_dim - 1) == 0:
+    fp8_ok = not is_fp8(kv_cache[0].dtype) or triton_fp8_supported(q.device)
+    if q.is_cuda and head_dim & (head_dim - 1) == 0 and fp8_ok:
         from llm_service.layers import triton_ops
 
         return triton_ops.rotary_and_cache(q, k, v, cos, sin, kv_cache[0], kv_cache[1], slots)

@@ -12,6 +12,11 @@ each program derives its range from the sequence's real length on the device. Ev
 online-softmax partial (running max, sum of exponentials, unnormalised output) in fp32; a second
 kernel merges the partials. With a single split the first kernel writes the normalised output.
 
+Cache dtype: the query's, or float8_e4m3fn (an fp8 KV cache, see attention.py): K/V tiles are loaded in
+the cache dtype (an fp8 cache halves the bytes this kernel reads, which dominate a large decode batch)
+and upcast to fp32, exactly, before the products; the softmax and accumulation stay in fp32 either
+way. Triton stores and loads fp8 on compute capability >= 8.9 only (`check_kv_cache_dtype`).
+
 Decode rows only (one query per sequence, the query sits at the last context position so no causal
 mask is needed). Prefill chunks keep the SDPA path. Importing this module needs `triton`; under
 `TRITON_INTERPRET=1` the kernels run on CPU tensors (slowly), which is how CI checks them.
@@ -92,7 +97,7 @@ def _decode_partial_kernel(
         kv_mask = valid[:, None, None] & d_ok[None, None, :]
         k_at = block * stride_kb + offset * stride_kt  # [N]
         k_ptrs = k_ptr + k_at[:, None, None] + (kv_heads * stride_kh)[None, :, None] + d[None, None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, P, D]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, P, D]; fp8 upcasts exactly
         s = tl.sum(k * q[None, :, :], axis=2)  # [N, P]
         s = tl.where(valid[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # [P]
@@ -169,6 +174,8 @@ def paged_decode_attention(
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert query.stride(2) == 1 and block_tables.stride(1) == 1
+    assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype in (query.dtype, torch.float8_e4m3fn), (k_cache.dtype, query.dtype)
     config = config or config_for(num_seqs, num_heads)
     heads_per_program = config.heads_per_program if num_heads % config.heads_per_program == 0 else 1
     out = torch.empty_like(query)

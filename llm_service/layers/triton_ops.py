@@ -14,6 +14,12 @@ Rounding follows the eager PyTorch ops step by step (each bf16 op rounds its res
 match the eager path bit for bit in the common case and to one bf16 ulp at worst (the fp32 reduction
 order of the norm and the exp implementation may differ). Under `TRITON_INTERPRET=1` they run on CPU
 tensors, which is how CI checks them.
+
+An fp8 (float8_e4m3fn) KV cache: `rotary_and_cache` rounds k and v (already rounded to the model dtype,
+as the eager path has them) to the nearest e4m3 value in fp32 arithmetic, saturated to +-448, before
+the store (`_round_to_e4m3`); the cast itself is then exact. So the cache holds what
+`attention.write_kv` (torch's cast) writes, bit for bit, on every backend: the GPU's converter, and the
+interpreter, whose fp8 downcast neither carries a rounded-up mantissa into the exponent nor saturates.
 """
 
 from __future__ import annotations
@@ -66,12 +72,34 @@ def add_rms_norm(
 
 
 @triton.jit
+def _round_to_e4m3(x):
+    """fp32 -> the float8_e4m3fn value nearest to it (ties to even), saturated to +-448, still as fp32
+    (so casting the result to fp8 is exact). Normal range (|x| >= 2**-6): round the fp32 mantissa to 3
+    bits on the bit pattern (a carry moves into the exponent); below it the e4m3 step is a fixed 2**-9,
+    and adding and subtracting 1.5 * 2**14 (whose fp32 ulp is 2**-9) rounds to that grid."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # ties to even on mantissa bit 20
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _to_cache(x, dtype, FP8: tl.constexpr):
+    """x (fp32, holding a value of the model dtype) as the cache element type `dtype`."""
+    if FP8:
+        x = _round_to_e4m3(x)
+    return x.to(dtype)
+
+
+@triton.jit
 def _rotary_and_cache_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
     num_heads, num_kv_heads,
-    HALF: tl.constexpr, HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr,
+    HALF: tl.constexpr, HEADS_P2: tl.constexpr, KV_HEADS_P2: tl.constexpr, FP8: tl.constexpr,
 ):
     tok = tl.program_id(0)
     d = tl.arange(0, HALF)
@@ -102,12 +130,16 @@ def _rotary_and_cache_kernel(
     kout2 = (k2 * c2[None, :]).to(dtype).to(tl.float32) + (k1 * s2[None, :]).to(dtype).to(tl.float32)
     kc_row = k_cache_ptr + slot * stride_kc_slot + g * stride_kc_h
     cache_dtype = k_cache_ptr.dtype.element_ty
-    tl.store(kc_row + d[None, :], kout1.to(dtype).to(cache_dtype), mask=g_ok)
-    tl.store(kc_row + HALF + d[None, :], kout2.to(dtype).to(cache_dtype), mask=g_ok)
+    # k rounds to the model dtype first (the eager path's rotary output), then to the cache dtype
+    kout1, kout2 = kout1.to(dtype).to(tl.float32), kout2.to(dtype).to(tl.float32)
+    tl.store(kc_row + d[None, :], _to_cache(kout1, cache_dtype, FP8), mask=g_ok)
+    tl.store(kc_row + HALF + d[None, :], _to_cache(kout2, cache_dtype, FP8), mask=g_ok)
     v_row = v_ptr + tok * stride_vt + g * stride_vh
     vc_row = v_cache_ptr + slot * stride_vc_slot + g * stride_vc_h
-    tl.store(vc_row + d[None, :], tl.load(v_row + d[None, :], mask=g_ok).to(cache_dtype), mask=g_ok)
-    tl.store(vc_row + HALF + d[None, :], tl.load(v_row + HALF + d[None, :], mask=g_ok).to(cache_dtype), mask=g_ok)
+    v1 = tl.load(v_row + d[None, :], mask=g_ok).to(tl.float32)
+    v2 = tl.load(v_row + HALF + d[None, :], mask=g_ok).to(tl.float32)
+    tl.store(vc_row + d[None, :], _to_cache(v1, cache_dtype, FP8), mask=g_ok)
+    tl.store(vc_row + HALF + d[None, :], _to_cache(v2, cache_dtype, FP8), mask=g_ok)
 
 
 def rotary_and_cache(
@@ -116,13 +148,16 @@ def rotary_and_cache(
     v: torch.Tensor,  # [T, Hkv, D]
     cos: torch.Tensor,  # [T, D]
     sin: torch.Tensor,  # [T, D]
-    k_cache: torch.Tensor,  # [num_blocks, page, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, page, Hkv, D], the model dtype or float8_e4m3fn
     v_cache: torch.Tensor,
     slots: torch.Tensor,  # [T] block_id * page + offset
 ) -> torch.Tensor:
-    """Rotary embedding of q (in place; returned) and k, with k and v written to their cache slots."""
+    """Rotary embedding of q (in place; returned) and k, with k and v written to their cache slots
+    (an fp8 cache gets the saturating round-to-nearest-even cast of `_round_to_e4m3`)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype in (q.dtype, torch.float8_e4m3fn), (k_cache.dtype, q.dtype)
     assert head_dim % 2 == 0 and triton.next_power_of_2(head_dim) == head_dim, "head_dim must be a power of 2"
     assert q.stride(2) == k.stride(2) == v.stride(2) == cos.stride(1) == sin.stride(1) == 1
     for cache in (k_cache, v_cache):  # slot arithmetic needs contiguous blocks
@@ -133,7 +168,8 @@ def rotary_and_cache(
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         num_heads, num_kv_heads,
         HALF=head_dim // 2, HEADS_P2=triton.next_power_of_2(num_heads),
-        KV_HEADS_P2=triton.next_power_of_2(num_kv_heads), num_warps=4,
+        KV_HEADS_P2=triton.next_power_of_2(num_kv_heads), FP8=k_cache.dtype == torch.float8_e4m3fn,
+        num_warps=4,
     )
     return q
 

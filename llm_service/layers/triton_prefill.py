@@ -15,6 +15,11 @@ online softmax: first the keys every one of its queries sees (no mask), then the
 its last query's position. Query j of a sequence with `query_len` new tokens and context `seq_len` sits
 at position `seq_len - query_len + j` (a cached prefix comes first) and sees keys up to it.
 
+Cache dtype: the query's, or float8_e4m3fn (an fp8 KV cache, see attention.py): each K/V tile is loaded
+in the cache dtype and upcast to the query dtype (exact) before `tl.dot`; scores, softmax and the
+output accumulate in fp32 as before. Triton handles fp8 on compute capability >= 8.9 only
+(`check_kv_cache_dtype`).
+
 Importing this module needs `triton`; under `TRITON_INTERPRET=1` the kernel runs on CPU tensors
 (slowly, fp32 only: the interpreter's dot does not convert bf16), which is how CI checks it.
 """
@@ -157,7 +162,7 @@ def _attend_key_range(
         block = block.to(tl.int64)
         offset = (pos % PAGE).to(tl.int64)
         k = _load_tile(k_ptr + (block * stride_kb + offset * stride_kt)[:, None] + d[None, :], key_ok, d_ok,
-                       CAUSAL, MASK_D)  # [N, D]
+                       CAUSAL, MASK_D)  # [N, D], the cache dtype (fp8 or the query's)
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2  # [M, N], log2 units
         if CAUSAL:
             qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
@@ -244,6 +249,8 @@ def paged_prefill_attention(
     num_heads, head_dim = query.shape[1], query.shape[2]
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype in (query.dtype, torch.float8_e4m3fn), (k_cache.dtype, query.dtype)
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and query.stride(2) == 1
     assert plan.block_tables.stride(1) == 1
     if out is None:

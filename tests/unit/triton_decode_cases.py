@@ -2,6 +2,9 @@
 interpreter test (tests/unit/test_triton_decode.py, in a subprocess with TRITON_INTERPRET=1) and the
 GPU test (tests/gpu/test_triton_decode_gpu.py).
 
+The cases run again over float8_e4m3fn caches (an fp8 KV cache; `run_all(kv_dtype=...)`): the kernels
+load fp8 and upcast, which the interpreter does exactly.
+
 Run directly: `TRITON_INTERPRET=1 python -m tests.unit.triton_decode_cases` (exits non-zero on a mismatch).
 """
 
@@ -12,7 +15,12 @@ import sys
 
 import torch
 
-from llm_service.layers.attention import AttentionMetadata, paged_attention, paged_attention_reference
+from llm_service.layers.attention import (
+    AttentionMetadata,
+    paged_attention,
+    paged_attention_reference,
+    to_cache_dtype,
+)
 from llm_service.layers.triton_decode import (
     DecodeKernelConfig,
     config_for,
@@ -37,7 +45,9 @@ def _relative_error(out: torch.Tensor, truth: torch.Tensor) -> float:
     return float((out.double() - truth).abs().max() / truth.abs().max())
 
 
-def _check_layouts(device: torch.device, dtype: torch.dtype, tolerance: float, seeds: range) -> list[str]:
+def _check_layouts(
+    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float, seeds: range
+) -> list[str]:
     """Random paged layouts (shared prefix blocks, out-of-order ids, stale cache values) through
     `paged_attention` with the triton backend, decode rows mixed with prefill chunks."""
     failures = []
@@ -49,8 +59,9 @@ def _check_layouts(device: torch.device, dtype: torch.dtype, tolerance: float, s
             num_seqs = rng.randint(1, 6)
             num_blocks = 6 * num_seqs + 8
             query_lens, seq_lens, tables = _layout(rng, num_seqs, block_size, num_blocks, decode_share=decode_share)
-            k_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * 3).to(device, dtype)
-            v_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * 3).to(device, dtype)
+            k_cache = to_cache_dtype(torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * 3, kv_dtype)
+            v_cache = to_cache_dtype(torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * 3, kv_dtype)
+            k_cache, v_cache = k_cache.to(device), v_cache.to(device)
             query = torch.randn(sum(query_lens), num_heads, head_dim).to(device, dtype)
             metas = {
                 backend: AttentionMetadata.build(
@@ -69,16 +80,18 @@ def _check_layouts(device: torch.device, dtype: torch.dtype, tolerance: float, s
     return failures
 
 
-def _check_splits(device: torch.device, dtype: torch.dtype, tolerance: float) -> list[str]:
+def _check_splits(
+    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float, configs=tuple(CONFIGS)
+) -> list[str]:
     """The split-KV merge: one long context (many splits), a 1-token context, a table wider than needed
     (the width a CUDA graph captures) and contexts of very different lengths in one batch."""
     failures = []
     torch.manual_seed(0)
     page, num_blocks, num_heads, num_kv_heads, head_dim = 16, 160, 4, 2, 32
-    k_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim).to(device, dtype)
-    v_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim).to(device, dtype)
+    k_cache = to_cache_dtype(torch.randn(num_blocks, page, num_kv_heads, head_dim), kv_dtype).to(device)
+    v_cache = to_cache_dtype(torch.randn(num_blocks, page, num_kv_heads, head_dim), kv_dtype).to(device)
     for (seq_lens, config) in [
-        (lens, config) for lens in ([1], [1100], [1, 37, 700, 64], [2000]) for config in CONFIGS
+        (lens, config) for lens in ([1], [1100], [1, 37, 700, 64], [2000]) for config in configs
     ]:
         width = max(-(-n // page) for n in seq_lens) + 5  # wider than the longest context needs
         tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in seq_lens]).to(device)
@@ -97,13 +110,29 @@ def _check_splits(device: torch.device, dtype: torch.dtype, tolerance: float) ->
     return failures
 
 
-def run_all(device: str = "cpu", dtype: torch.dtype = torch.float32, seeds: range = range(3)) -> list[str]:
+def run_all(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seeds: range = range(3),
+    kv_dtype: torch.dtype | None = None,
+    configs=tuple(CONFIGS),
+) -> list[str]:
+    """Queries in `dtype`, caches in `kv_dtype` (default `dtype`; or torch.float8_e4m3fn). The reference
+    reads the same cache values in float64 (fp8 upcasts exactly), so an fp8 cache keeps the query
+    dtype's tolerance: only the kernel's loads and upcasts are under test, not fp8's rounding."""
     tolerance = 2e-6 if dtype == torch.float32 else 2e-2
     dev = torch.device(device)
-    return _check_layouts(dev, dtype, tolerance, seeds) + _check_splits(dev, dtype, tolerance)
+    kv_dtype = kv_dtype or dtype
+    return _check_layouts(dev, dtype, kv_dtype, tolerance, seeds) + _check_splits(
+        dev, dtype, kv_dtype, tolerance, configs
+    )
 
 
 if __name__ == "__main__":
     problems = run_all()
+    # an fp8 KV cache: the kernels load float8_e4m3fn and upcast (the interpreter's fp8 -> fp32 is exact)
+    # (two launch shapes for the split cases, the default and the production one: the interpreter is slow)
+    fp8 = run_all(seeds=range(2), kv_dtype=torch.float8_e4m3fn, configs=CONFIGS[:2])
+    problems += [f"fp8 cache: {p}" for p in fp8]
     print("\n".join(problems) or "all triton decode cases match the reference")
     sys.exit(1 if problems else 0)

@@ -1,6 +1,7 @@
 """Cases for the fused Triton elementwise kernels (llm_service/layers/triton_ops.py) against the eager
 PyTorch ops they replace; shared by the CPU interpreter test (tests/unit/test_triton_ops.py, in a
-subprocess with TRITON_INTERPRET=1) and the GPU test (tests/gpu/test_triton_decode_gpu.py).
+subprocess with TRITON_INTERPRET=1) and the GPU test (tests/gpu/test_triton_decode_gpu.py). The rotary
++ KV write also runs into a float8_e4m3fn cache (an fp8 KV cache), against `write_kv`'s torch cast.
 
 Run directly: `TRITON_INTERPRET=1 python -m tests.unit.triton_ops_cases` (exits non-zero on a mismatch).
 """
@@ -12,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llm_service.layers.attention import write_kv
+from llm_service.layers.attention import triton_fp8_supported, write_kv
 from llm_service.layers.norm import RMSNorm
 from llm_service.layers.rotary import apply_rotary
 from llm_service.layers.triton_ops import add_rms_norm, rotary_and_cache, silu_and_mul
@@ -71,6 +72,65 @@ def _check_rotary(device, dtype, max_ulps: float) -> list[str]:
     return failures
 
 
+def _e4m3_sweep() -> torch.Tensor:
+    """fp32 values around every float8_e4m3fn value: the values themselves, the midpoints between
+    neighbours (ties to even), just either side of each midpoint (round-ups that carry into the
+    exponent among them), values past +-448, and random magnitudes 1e-5 .. 1e3."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()  # sorted, -448 .. 448
+    mid = (grid[1:] + grid[:-1]) / 2
+    eps = mid.abs().clamp(min=2**-12) * 2**-12
+    extra = torch.tensor([448.5, 463.9, 464.0, 465.0, 1e4, 3e38, 2**-10, 2**-11, 1e-30])
+    rand = torch.randn(2000) * 10.0 ** (torch.rand(2000) * 8 - 5)
+    return torch.cat([grid, mid, mid - eps, mid + eps, extra, -extra, rand])
+
+
+def _check_rotary_fp8(device, dtype) -> list[str]:
+    """An fp8 (float8_e4m3fn) cache: the kernel stores what `write_kv` (torch's saturating cast) stores.
+
+    With an identity rotation (cos 1, sin 0) k and v are the inputs as they are, and both caches must
+    be equal value for value over `_e4m3_sweep`. With a real rotation, v must still be equal and k may
+    differ by one e4m3 step (the kernel's rotary may differ from the eager one by an ulp of the model
+    dtype, which can cross a rounding boundary). Never a NaN or a value past 448."""
+    failures = []
+    fp8 = torch.float8_e4m3fn
+    sweep = _e4m3_sweep()
+    for identity, (heads, kv_heads, head_dim) in ((True, (4, 2, 16)), (False, (4, 2, 16)), (False, (32, 8, 128))):
+        torch.manual_seed(head_dim)
+        per_token = kv_heads * head_dim
+        tokens = -(-len(sweep) // per_token) if identity else 3
+        k = (sweep if identity else torch.randn(tokens * per_token) * 10.0 ** (torch.rand(tokens * per_token) * 8 - 5))
+        k = torch.cat([k, k.new_zeros(tokens * per_token - len(k))]).view(tokens, kv_heads, head_dim)
+        v = k.flip(0) if identity else k * 3
+        qkv = torch.cat([torch.randn(tokens, heads, head_dim), k, v], dim=1).to(device, dtype)
+        q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+        angles = torch.zeros(tokens, head_dim // 2) if identity else torch.rand(tokens, head_dim // 2) * 6
+        emb = torch.cat((angles, angles), dim=-1).to(device)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        num_blocks, page = -(-tokens // 4) + 1, 4
+        caches = [torch.zeros(num_blocks, page, kv_heads, head_dim, device=device, dtype=fp8) for _ in range(4)]
+        slots = torch.randperm(num_blocks * page, device=device)[:tokens]
+        _, ref_k = apply_rotary(q, k, cos, sin)
+        write_kv(ref_k, v, caches[0], caches[1], slots)
+        rotary_and_cache(q.clone(), k, v, cos, sin, caches[2], caches[3], slots)
+        name = f"rotary fp8 cache T{tokens} H{heads}/{kv_heads} D{head_dim}{' identity' if identity else ''}"
+        for label, out, ref in (("k", caches[2], caches[0]), ("v", caches[3], caches[1])):
+            out, ref = out.float(), ref.float()  # compared as values (-0.0 == 0.0)
+            if not bool(torch.isfinite(out).all()) or float(out.abs().max()) > 448:
+                failures.append(f"{name}: {label} cache holds NaN or values past 448")
+                continue
+            step = torch.exp2(torch.floor(torch.log2(ref.abs().clamp(min=2**-6))) - 3)  # one e4m3 step at ref
+            tolerance = step if (label == "k" and not identity) else torch.zeros_like(step)
+            bad = ((out - ref).abs() > tolerance).nonzero()
+            if len(bad):
+                at = tuple(bad[0].tolist())
+                failures.append(f"{name}: {label} cache differs from write_kv at {len(bad)} places, e.g. {at}: "
+                                f"{out[at].item()} vs {ref[at].item()}")
+        if identity and float(caches[3].float().abs().max()) != 448.0:
+            failures.append(f"{name}: the out-of-range values did not saturate to 448")
+    return failures
+
+
 def _check_silu(device, dtype, max_ulps: float) -> list[str]:
     failures = []
     for rows, width in ((1, 8), (4, 1500), (2, 11008)):
@@ -87,7 +147,12 @@ def run_all(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str
     max_ulps = 64.0 if dtype == torch.float32 else 1.0
     dev = torch.device(device)
     with torch.no_grad():
-        return _check_norm(dev, dtype, max_ulps) + _check_rotary(dev, dtype, max_ulps) + _check_silu(dev, dtype, max_ulps)
+        return (
+            _check_norm(dev, dtype, max_ulps)
+            + _check_rotary(dev, dtype, max_ulps)
+            + (_check_rotary_fp8(dev, dtype) if triton_fp8_supported(dev) else [])  # CUDA: capability >= 8.9
+            + _check_silu(dev, dtype, max_ulps)
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ which does not divide the tile height), head dims 64/80/96/128, key tiles smalle
 cache block, block tables drawn out of order from the pool, and stale values in every slot no sequence
 owns (so reading past a context shows). Mixed decode + prefill steps go through `paged_attention`.
 
+Every case runs again over float8_e4m3fn caches (an fp8 KV cache: the interpreter's fp8 loads and
+upcasts are exact), against the reference over the same fp8 values.
+
 Run directly: `TRITON_INTERPRET=1 python -m tests.unit.triton_prefill_cases` (exits non-zero on a mismatch).
 """
 
@@ -23,6 +26,7 @@ from llm_service.layers.attention import (
     padded_block_tables,
     paged_attention,
     paged_attention_reference,
+    to_cache_dtype,
 )
 from llm_service.layers.triton_prefill import (
     DEFAULT_CONFIG,
@@ -90,7 +94,14 @@ def _reference(query, k_cache, v_cache, query_lens, seq_lens, tables, block_size
     return paged_attention_reference(query.double(), k_cache.double(), v_cache.double(), meta, scale)
 
 
-def _check_kernel(device: torch.device, dtype: torch.dtype, tolerance: float) -> list[str]:
+def _cache_values(cache: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    """What a cache of `kv_dtype` holds for these values, back in fp32 (exact): the reference reads this."""
+    return to_cache_dtype(cache, kv_dtype).float()
+
+
+def _check_kernel(
+    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float
+) -> list[str]:
     """`paged_prefill_attention` on its own, every shape x layout, the launch configs in turn."""
     failures = []
     for case, ((name, (query_lens, seq_lens)), layout) in enumerate(
@@ -101,14 +112,15 @@ def _check_kernel(device: torch.device, dtype: torch.dtype, tolerance: float) ->
         rng = random.Random(case)
         torch.manual_seed(case)
         tables, k_cache, v_cache = _paged_case(rng, query_lens, seq_lens, num_kv_heads, head_dim, block_size)
+        k_cache, v_cache = _cache_values(k_cache, kv_dtype), _cache_values(v_cache, kv_dtype)
         query = torch.randn(sum(query_lens), num_heads, head_dim)
         scale = head_dim**-0.5
         truth = _reference(query, k_cache, v_cache, query_lens, seq_lens, tables, block_size, scale)
         plan = PrefillPlan.build(query_lens, seq_lens, padded_block_tables(tables).to(device))
         out = paged_prefill_attention(
             query.to(device, dtype),
-            k_cache.to(device, dtype),
-            v_cache.to(device, dtype),
+            k_cache.to(device, kv_dtype),
+            v_cache.to(device, kv_dtype),
             plan,
             scale,
             config=config,
@@ -122,7 +134,9 @@ def _check_kernel(device: torch.device, dtype: torch.dtype, tolerance: float) ->
     return failures
 
 
-def _check_mixed_steps(device: torch.device, dtype: torch.dtype, tolerance: float) -> list[str]:
+def _check_mixed_steps(
+    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float
+) -> list[str]:
     """Decode rows (Triton decode kernel) and prefill chunks (this kernel) in one step through
     `paged_attention` with the triton backend, sequences interleaved; and a prefill-only step."""
     failures = []
@@ -135,6 +149,7 @@ def _check_mixed_steps(device: torch.device, dtype: torch.dtype, tolerance: floa
         torch.manual_seed(100 + seed)
         num_heads, num_kv_heads, head_dim, block_size = (8, 2, 64, 16)
         tables, k_cache, v_cache = _paged_case(rng, query_lens, seq_lens, num_kv_heads, head_dim, block_size)
+        k_cache, v_cache = _cache_values(k_cache, kv_dtype), _cache_values(v_cache, kv_dtype)
         query = torch.randn(sum(query_lens), num_heads, head_dim)
         truth = _reference(query, k_cache, v_cache, query_lens, seq_lens, tables, block_size, 0.3)
         meta = AttentionMetadata.build(
@@ -147,7 +162,7 @@ def _check_mixed_steps(device: torch.device, dtype: torch.dtype, tolerance: floa
         )[0]
         assert meta.prefill is not None and all(g.num_queries == 1 for g in meta.groups)
         out = paged_attention(
-            query.to(device, dtype), k_cache.to(device, dtype), v_cache.to(device, dtype), meta, 0.3
+            query.to(device, dtype), k_cache.to(device, kv_dtype), v_cache.to(device, kv_dtype), meta, 0.3
         )
         err = _relative_error(out.cpu(), truth)
         if not err <= tolerance:
@@ -185,18 +200,27 @@ def _check_out_rows(device: torch.device, dtype: torch.dtype, tolerance: float) 
     return failures
 
 
-def run_all(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+def run_all(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None
+) -> list[str]:
+    """Queries in `dtype`, caches in `kv_dtype` (default `dtype`; or torch.float8_e4m3fn). The reference
+    reads the same cache values (fp8 upcasts exactly), so an fp8 cache keeps the query dtype's tolerance."""
     # fp32: logits of size ~10 lose ~1e-6 relative to rounding before exp (the fp32 SDPA reference too)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     dev = torch.device(device)
-    return (
-        _check_kernel(dev, dtype, tolerance)
-        + _check_mixed_steps(dev, dtype, tolerance)
-        + _check_out_rows(dev, dtype, tolerance)
-    )
+    kv_dtype = kv_dtype or dtype
+    checks = [
+        _check_kernel(dev, dtype, kv_dtype, tolerance),
+        _check_mixed_steps(dev, dtype, kv_dtype, tolerance),
+    ]
+    if kv_dtype == dtype:
+        checks.append(_check_out_rows(dev, dtype, tolerance))  # (the row selection, whatever the cache dtype)
+    return [failure for failures in checks for failure in failures]
 
 
 if __name__ == "__main__":
     problems = run_all()
+    # an fp8 KV cache: the kernel loads float8_e4m3fn and upcasts to the query dtype before tl.dot
+    problems += [f"fp8 cache: {p}" for p in run_all(kv_dtype=torch.float8_e4m3fn)]
     print("\n".join(problems) or "all triton prefill cases match the reference")
     sys.exit(1 if problems else 0)
