@@ -13,6 +13,7 @@ from encoder_service.engines.base import (
     PROMPT_TABLE,
     ComputeInput,
     EncodedOutput,
+    PixelNormalization,
     PreparedInput,
     SquareImageEngine,
     fixed_row_outputs,
@@ -38,6 +39,8 @@ class Blip2Engine(SquareImageEngine):
         config = Blip2Config.from_pretrained(checkpoint_dir)
         self.device, self.dtype = device, dtype
         self.image_processor = load_processor(checkpoint_dir).image_processor
+        # rescale + normalize run in `encode`, on the device (see PixelNormalization)
+        self.pixel_normalization = PixelNormalization.from_processor(self.image_processor)
         self.image_size = config.vision_config.image_size
         self.llm_hidden_size = config.text_config.hidden_size
         self.num_rows_per_image = config.num_query_tokens

@@ -14,6 +14,7 @@ from encoder_service.engines.base import (
     PROMPT_TABLE,
     ComputeInput,
     EncodedOutput,
+    PixelNormalization,
     PreparedInput,
     SquareImageEngine,
     fixed_row_outputs,
@@ -47,6 +48,8 @@ class LlavaEngine(SquareImageEngine):
             )
         self.device, self.dtype = device, dtype
         self.image_processor = load_processor(checkpoint_dir).image_processor
+        # rescale + normalize run in `encode`, on the device (see PixelNormalization)
+        self.pixel_normalization = PixelNormalization.from_processor(self.image_processor)
         vision = config.vision_config
         self.image_size = vision.image_size
         self.llm_hidden_size = config.text_config.hidden_size

@@ -22,6 +22,7 @@ from encoder_service.engines.base import (
     PROMPT_TABLE,
     ComputeInput,
     EncodedOutput,
+    PixelNormalization,
     PreparedInput,
     SquareImageEngine,
     fixed_row_outputs,
@@ -61,6 +62,8 @@ class VilaEngine(SquareImageEngine):
         self.device, self.dtype = device, dtype
         tower_dir = checkpoint_dir / "vision_tower"
         self.image_processor = AutoImageProcessor.from_pretrained(tower_dir)
+        # rescale + normalize run in `encode`, on the device (see PixelNormalization)
+        self.pixel_normalization = PixelNormalization.from_processor(self.image_processor)
         vision = AutoConfig.from_pretrained(tower_dir)
         self.image_size = vision.image_size
         side = vision.image_size // vision.patch_size
@@ -89,8 +92,7 @@ class VilaEngine(SquareImageEngine):
 
     def _preprocess_images(self, images: list[PIL.Image.Image], num_prompt_images: int) -> PreparedInput:
         squares = [self._to_square(image) for image in images]
-        pixel_values = self.image_processor(images=squares, return_tensors="pt")["pixel_values"]
-        return self._single_crop_batch(pixel_values, images)
+        return self._single_crop_batch(self._processor_pixels(squares), images)
 
     def _to_square(self, image: PIL.Image.Image) -> PIL.Image.Image:
         if self.aspect_mode == "resize":

@@ -734,9 +734,10 @@ def test_real_engines_every_input_form_gives_the_same_embedding(tiny_checkpoint,
             )
             forms = [image_item(png), image_item(url=data_uri(png)), pixels_item(pixels)]
             if info.supports_pixel_values:
-                values = (
-                    engine.preprocess(MediaInput(images=[Image.fromarray(pixels)])).pixel_values[0].numpy()
-                )
+                prepared = engine.preprocess(MediaInput(images=[Image.fromarray(pixels)]))
+                # what a client sends: the processor's float output (preprocess leaves uint8 pixels
+                # that encode() normalises on the device)
+                values = engine.pixel_normalization(prepared.pixel_values)[0].numpy()
                 forms.append(common_pb2.MediaItem(image=common_pb2.Image(pixel_values=encode_numpy(values))))
             response = await harness.encode(*forms, bypass_cache=True)
             embeddings = [result.embedding for result in response.results]
