@@ -11,10 +11,19 @@ token is when the first token arrived.
   returned timings allow (see `columns` in the JSON for how each is derived), output tok/s.
 * Scenario 5 (`scenario5_repeat.json`): right after each scenario-3 point of the repeat output length,
   the very same requests (same image bytes, same text) are sent again at the same concurrency: TTFT
-  with encoder-cache and KV-prefix hits; `cached_prompt_tokens` and `encoder_cache_hits` prove them.
+  with KV-prefix hits; `cached_prompt_tokens` proves them, and `requests_encoder_skipped` counts the
+  requests the SDK sent straight to the LLM service by content id (it still held the embedding: the
+  SDK's LLM-first shortcut, no encoder call at all); `encoder_cache_hits` counts encoder-cache hits of
+  requests that did ask the encoder.
 
 Every point is preceded by an untimed warm-up (its own distinct images, at least 4) at the same
 concurrency.
+
+`--embedding-transport` (auto, bytes, shared_memory; recorded in the JSON) is the SDK's
+`embedding_transport`: unless it is `bytes` the encoder is started with `--shared-memory-mb`
+(`--shared-memory-mb`, default 512, 16 with --tiny), so that the embedding goes encoder -> LLM service
+through /dev/shm instead of twice through gRPC; `shared_memory_requests` counts the requests whose
+Encode asked for it.
 Timings of the encoder's `Encode` RPC (queue / decode / preprocess / model) are read from the
 responses the SDK receives (its `_call` is wrapped per thread); the LLM service's from the final
 stream message (`GenerateResult.timings`).
@@ -46,6 +55,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 import client_sdk  # noqa: E402
 from client_sdk.types import join_deltas  # noqa: E402
 from vlm_demo.services import ServiceProcess, wait_until_serving  # noqa: E402
+
+SHARED_MEMORY = 2  # vlm.v1.EMBEDDING_TRANSPORT_SHARED_MEMORY
 
 SCENARIO3_FILE = "scenario3_multimodal.json"
 SCENARIO5_FILE = "scenario5_repeat.json"
@@ -107,8 +118,8 @@ def percentile(values: list[float], q: float) -> float | None:
 class Bench:
     """One SDK client shared by the worker threads, with the encoder's Encode timings captured per thread."""
 
-    def __init__(self, encoder: str, llm: str, timeout_s: float):
-        self.client = client_sdk.Client(encoder, llm, timeout_s=timeout_s)
+    def __init__(self, encoder: str, llm: str, timeout_s: float, embedding_transport: str = "auto"):
+        self.client = client_sdk.Client(encoder, llm, timeout_s=timeout_s, embedding_transport=embedding_transport)
         self.local = threading.local()
         original = self.client._call
 
@@ -116,6 +127,7 @@ class Bench:
             response = original(which, method, request, deadline, metadata)
             if method == "Encode":
                 self.local.encode_timings.append(response.timings)
+                self.local.shared_memory |= request.output_transport == SHARED_MEMORY
             return response
 
         self.client._call = call
@@ -137,6 +149,7 @@ class Bench:
 
     def one(self, image: bytes, question: str, max_tokens: int) -> dict:
         self.local.encode_timings = []
+        self.local.shared_memory = False
         deltas = list(self.client.generate(
             question, images=[image], stream=True, prompt_format="triton", max_tokens=max_tokens,
             min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
@@ -165,8 +178,10 @@ class Bench:
             "cached_prompt_tokens": result.usage.cached_prompt_tokens,
             "completion_tokens": result.usage.completion_tokens,
             "encoder_cache_hits": result.encoder_cache_hits,
+            "encoder_skipped": result.encoder_skipped,
             "encode_calls": len(enc),
             "tensors_uploaded": result.tensors_uploaded,
+            "shared_memory": self.local.shared_memory,
         }
 
     def run(self, images: list[bytes], question: str, max_tokens: int, concurrency: int) -> dict:
@@ -208,9 +223,11 @@ def summarize_point(run: dict, *, scenario: str, concurrency: int, max_tokens: i
     point["cached_prompt_tokens_min"] = min(r["cached_prompt_tokens"] for r in records)
     point["encoder_cache_hits"] = sum(r["encoder_cache_hits"] for r in records)
     point["requests_with_encoder_cache_hit"] = sum(1 for r in records if r["encoder_cache_hits"] > 0)
+    point["requests_encoder_skipped"] = sum(1 for r in records if r["encoder_skipped"])
     point["requests_with_cached_prompt_tokens"] = sum(1 for r in records if r["cached_prompt_tokens"] > 0)
     point["encode_calls"] = sum(r["encode_calls"] for r in records)
     point["tensors_uploaded"] = sum(r["tensors_uploaded"] for r in records)
+    point["shared_memory_requests"] = sum(1 for r in records if r.get("shared_memory"))
     if keep_records:
         point["records"] = records
     return point
@@ -259,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-args", default=None,
                         help="extra encoder_service flags (default on a GPU host: --device cuda --dtype bfloat16 "
                              "--max-batch-size 64; CPU: none)")
+    parser.add_argument("--embedding-transport", choices=("auto", "bytes", "shared_memory"), default="auto",
+                        help="the SDK's embedding_transport (default auto: shared memory, as both services "
+                             "run on this host); not bytes: the encoder gets --shared-memory-mb")
+    parser.add_argument("--shared-memory-mb", type=int, default=None,
+                        help="the encoder's shared-memory ring when the transport is not bytes "
+                             "(default 512; tiny: 16)")
     parser.add_argument("--startup-timeout-s", type=float, default=900.0)
     parser.add_argument("--request-timeout-s", type=float, default=600.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="service logs (default: a temporary directory)")
@@ -271,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     llm_args = shlex.split(args.llm_args if args.llm_args is not None else ("--max-num-seqs 8" if args.tiny else ""))
     encoder_args = shlex.split(args.encoder_args if args.encoder_args is not None else
                                ("--device cuda --dtype bfloat16 --max-batch-size 64" if gpu else ""))
+    if args.embedding_transport != "bytes" and not any(a.startswith("--shared-memory-mb") for a in encoder_args):
+        ring_mb = args.shared_memory_mb if args.shared_memory_mb is not None else (16 if args.tiny else 512)
+        encoder_args += ["--shared-memory-mb", str(ring_mb)]
 
     if args.model is None and not args.tiny:
         parser.error("--model DIR is required without --tiny (make one with make_llava15_checkpoint.py)")
@@ -304,6 +330,7 @@ def run(args, model_dir: Path, gpu: bool, concurrencies: list[int], outputs: lis
                         ("hidden_size", "num_hidden_layers", "vocab_size")},
         "image": f"{IMAGE_SIZE}x{IMAGE_SIZE} PNG of random pixels",
         "llm_args": llm_args, "encoder_args": encoder_args,
+        "embedding_transport": args.embedding_transport,
         "client": "client_sdk.Client, streaming, one client shared by `concurrency` threads (closed loop)",
         "columns": COLUMNS,
     }
@@ -312,7 +339,7 @@ def run(args, model_dir: Path, gpu: bool, concurrencies: list[int], outputs: lis
     seed = iter(range(1_000_000))
     try:
         wait_until_serving(services, args.startup_timeout_s)
-        bench = Bench(services[0].address, services[1].address, args.request_timeout_s)
+        bench = Bench(services[0].address, services[1].address, args.request_timeout_s, args.embedding_transport)
         try:
             # a question of ~text_tokens tokens; the triton template adds "USER: <image>\n ... ASSISTANT:"
             words, counts = [WORDS[0]], [bench.text_tokens(WORDS[0])]
@@ -365,6 +392,7 @@ def run(args, model_dir: Path, gpu: bool, concurrencies: list[int], outputs: lis
         "image_ttft_repeat_ms_c1": first5["ttft_ms_p50"] if first5 else None,
         "cached_prompt_tokens_c1": first5["cached_prompt_tokens_median"] if first5 else None,
         "encoder_cache_hits_c1": first5["encoder_cache_hits"] if first5 else None,
+        "requests_encoder_skipped_c1": first5["requests_encoder_skipped"] if first5 else None,
     }
     wall = time.perf_counter() - started
     scenario3["wall_s"] = scenario5["wall_s"] = wall
@@ -382,7 +410,7 @@ def _find(points: list[dict], concurrency: int, output: int) -> dict | None:
 def _print_point(tag: str, p: dict) -> None:
     print(f"{tag} out={p['output']:<4} c={p['concurrency']:<3} TTFT p50 {p['ttft_ms_p50']:.1f} ms  "
           f"{p['output_tok_s']:.1f} tok/s  cached {p['cached_prompt_tokens_median']:.0f}  "
-          f"encoder hits {p['encoder_cache_hits']}", flush=True)
+          f"encoder hits {p['encoder_cache_hits']}  encoder skipped {p['requests_encoder_skipped']}", flush=True)
 
 
 def print_table(scenario3: dict, scenario5: dict) -> None:

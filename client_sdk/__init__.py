@@ -12,8 +12,9 @@ Addresses come from the arguments ``encoder_address=`` / ``llm_address=``, else 
 ``$VLM_LLM_ADDR`` (read at call time), else ``localhost:50051`` / ``localhost:50052``. Content ids are
 computed here with the services' own function; the encoder is asked what it already holds, the LLM
 service gets the embeddings the encoder has just computed whole and content ids for the rest (their
-embeddings follow only if it answers NOT_FOUND). Text-only requests never touch the encoder. ``Client``
-and ``AsyncClient`` give control over connections and timeouts.
+embeddings follow only if it answers NOT_FOUND). Media whose ids the LLM service has accepted before skip
+the encoder altogether (the LLM-first shortcut, ``client_sdk.held_ids``). Text-only requests never touch
+the encoder. ``Client`` and ``AsyncClient`` give control over connections and timeouts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""asyncio client over ``grpc.aio``: the same API and ids-first flow as ``Client``.
+"""asyncio client over ``grpc.aio``: the same API and ids-first flow as ``Client`` (LLM-first shortcut too).
 
 async with AsyncClient() as client:
     result = await client.generate("USER: <image>\\nWhat is this? ASSISTANT:", images=["cat.png"])
@@ -15,7 +15,13 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from vlm.v1 import encoder_service_pb2, encoder_service_pb2_grpc, llm_service_pb2, llm_service_pb2_grpc
+from vlm.v1 import (
+    common_pb2,
+    encoder_service_pb2,
+    encoder_service_pb2_grpc,
+    llm_service_pb2,
+    llm_service_pb2_grpc,
+)
 
 from client_sdk import convert
 from client_sdk.call import CallSpec, Deadline, Prompt, prepare_call, should_resend
@@ -27,6 +33,8 @@ from client_sdk.types import GenerateResult, StreamDelta
 from vlm_protocol.media_ids import PreprocessingIdentity
 
 logger = logging.getLogger(__name__)
+
+SHM = common_pb2.EMBEDDING_TRANSPORT_SHARED_MEMORY
 
 
 class GenerationStream:
@@ -182,9 +190,12 @@ class AsyncClient(ClientBase):
                 response = await self._call(LLM, "Generate", request, deadline, spec.metadata)
                 break
             except VlmClientError as exc:
-                if not should_resend(exc, plan, attempt, one_call=self.settings.one_call):
+                if not should_resend(
+                    exc, plan, attempt, one_call=self.settings.one_call, transport=self._transport
+                ):
                     raise
                 inputs = plan.llm_inputs(await self._upload(plan, exc, spec, deadline))
+        self._held_ids.accepted(plan)
         timing = convert.timings(
             response.timings,
             encode_ms=encode_ms,
@@ -208,7 +219,9 @@ class AsyncClient(ClientBase):
             received = False
             try:
                 async for message in call:
-                    received = True
+                    if not received:  # the LLM service resolved every id: it holds them now
+                        received = True
+                        self._held_ids.accepted(plan)
                     if first_token_ms is None and message.token_ids:
                         first_token_ms = deadline.elapsed_ms()
                     timing = None
@@ -224,7 +237,9 @@ class AsyncClient(ClientBase):
                 return
             except grpc.RpcError as rpc_error:
                 exc = from_rpc_error(rpc_error, target=target, method=method)
-                if received or not should_resend(exc, plan, attempt, one_call=self.settings.one_call):
+                if received or not should_resend(
+                    exc, plan, attempt, one_call=self.settings.one_call, transport=self._transport
+                ):
                     raise exc from None
             finally:
                 call.cancel()
@@ -244,28 +259,64 @@ class AsyncClient(ClientBase):
             return MediaPlan(spec.media, None)
         identity, default_num_frames = await self._identity(deadline)
         plan = MediaPlan(spec.media, identity, default_num_frames=default_num_frames)
+        if self._held_ids.take_shortcut(plan):
+            return plan  # the LLM service accepted every id before: ask it first, skip the encoder
         lookup = plan.lookup_request()
         if lookup is not None:
             plan.apply_lookup(await self._call(ENCODER, "LookupEmbeddings", lookup, deadline, spec.metadata))
         await self._encode(plan, plan.encode_indices(), spec, deadline)
-        if plan.ids_disagree:
-            self._encoder_info = None
+        self._check_identity(plan)
         return plan
+
+    def _check_identity(self, plan: MediaPlan) -> None:
+        if plan.ids_disagree:
+            self._encoder_info = None  # the encoder's identity changed (restart with another model?)
+            self._held_ids.clear()  # the remembered ids were computed with the old one
 
     async def _encode(self, plan: MediaPlan, indices: list[int], spec: CallSpec, deadline: Deadline) -> None:
         if indices:
+            if plan.output_transport == common_pb2.EMBEDDING_TRANSPORT_UNSPECIFIED:
+                plan.output_transport = await self._output_transport(deadline)
             request = plan.encode_request(indices, spec.request_id)
-            plan.apply_encode(indices, await self._call(ENCODER, "Encode", request, deadline, spec.metadata))
+            try:
+                response = await self._call(ENCODER, "Encode", request, deadline, spec.metadata)
+            except VlmClientError as exc:
+                if not self._transport.fall_back(exc, used_shared_memory=request.output_transport == SHM):
+                    raise
+                plan.output_transport = common_pb2.EMBEDDING_TRANSPORT_BYTES  # this encoder has no ring
+                request = plan.encode_request(indices, spec.request_id)
+                response = await self._call(ENCODER, "Encode", request, deadline, spec.metadata)
+            plan.apply_encode(indices, response)
+
+    async def _output_transport(self, deadline: Deadline) -> int:
+        """EncodeRequest.output_transport for this client (asks the LLM service once, in auto mode)."""
+        if self._transport.needs_llm_info(self._encoder_info):
+            try:
+                request = llm_service_pb2.LlmServiceGetModelInfoRequest()
+                self._transport.set_llm_info(await self._call(LLM, "GetModelInfo", request, deadline))
+            except VlmClientError as exc:  # not fatal here: bytes now, ask again next time
+                logger.debug("LLM GetModelInfo failed (%s); embeddings go as bytes", exc)
+                return common_pb2.EMBEDDING_TRANSPORT_BYTES
+        return self._transport.output_transport(self._encoder_info)
 
     async def _upload(
         self, plan: MediaPlan, exc: VlmClientError, spec: CallSpec, deadline: Deadline
     ) -> set[str]:
-        upload = plan.upload_ids(getattr(exc, "content_ids", ()))
-        logger.debug("LLM service lacks %d embedding(s); resending them whole", len(upload))
+        missing = getattr(exc, "content_ids", ())
+        self._held_ids.not_found(plan, missing)
+        shortcut = plan.encoder_skipped
+        upload = plan.upload_ids(missing)
+        upload |= plan.drop_shared_memory()  # the resend carries bytes: a slot may be gone or unreadable
+        logger.debug(
+            "LLM service lacks %d embedding(s)%s; resending them whole",
+            len(upload),
+            " (LLM-first shortcut missed)" if shortcut else "",
+        )
         fetch = plan.fetch_request(upload)
         if fetch is not None:
             plan.apply_fetch(await self._call(ENCODER, "LookupEmbeddings", fetch, deadline, spec.metadata))
         await self._encode(plan, plan.reencode_indices(upload), spec, deadline)
+        self._check_identity(plan)
         return upload
 
 

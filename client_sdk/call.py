@@ -14,6 +14,7 @@ from PIL import Image
 from vlm.v1 import llm_service_pb2
 
 from client_sdk import convert
+from client_sdk.embedding_transport import TransportChoice
 from client_sdk.errors import DeadlineExceededError, InvalidArgumentError, VlmClientError
 from client_sdk.media import ImageInput, PreparedMedia, VideoInput, prepare_image, prepare_video
 from client_sdk.media_plan import MediaPlan
@@ -126,6 +127,19 @@ class Deadline:
         return (time.monotonic() - self.start) * 1000.0
 
 
-def should_resend(exc: VlmClientError, plan: MediaPlan, attempt: int, *, one_call: bool) -> bool:
-    """Whether a failed first LLM attempt is the ids-first NOT_FOUND that a resend with tensors fixes."""
-    return attempt == 1 and exc.code == grpc.StatusCode.NOT_FOUND and bool(plan.media) and not one_call
+def should_resend(
+    exc: VlmClientError,
+    plan: MediaPlan,
+    attempt: int,
+    *,
+    one_call: bool,
+    transport: TransportChoice | None = None,
+) -> bool:
+    """Whether a failed first LLM attempt is one that a resend with tensors as bytes fixes: the ids-first
+    NOT_FOUND (a stale shared-memory slot included), or, in ``auto`` embedding transport, the LLM
+    service refusing shared memory (``transport.fall_back`` then switches the client to bytes)."""
+    if attempt != 1 or not plan.media or one_call:
+        return False
+    if exc.code == grpc.StatusCode.NOT_FOUND:
+        return True
+    return transport is not None and transport.fall_back(exc, plan.uses_shared_memory)

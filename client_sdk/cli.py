@@ -142,9 +142,11 @@ def print_summary(result: GenerateResult, out: TextIO, *, log_probs: bool) -> No
     out.write(f"finish reason: {result.finish_reason}\n")
     out.write(f"time to first token: {t.time_to_first_token_ms:.1f} ms\n")
     out.write(f"total latency: {t.total_ms:.1f} ms (encode {t.encode_ms:.1f} ms)\n")
+    skipped = " (encoder skipped: the LLM service held every content id)" if result.encoder_skipped else ""
     out.write(
         f"tokens: prompt {u.prompt_tokens} (cached {u.cached_prompt_tokens}), completion {u.completion_tokens}; "
-        f"encoder cache hits {result.encoder_cache_hits}, embeddings uploaded {result.tensors_uploaded}\n"
+        f"encoder cache hits {result.encoder_cache_hits}{skipped}, "
+        f"embeddings uploaded {result.tensors_uploaded}\n"
     )
 
 

@@ -1,5 +1,8 @@
 """Blocking client: encoder look-up/encode, then the LLM service, ids first (protos/README.md).
 
+Media whose content ids the LLM service has accepted before skip the encoder (the LLM-first shortcut,
+``client_sdk.held_ids``); a NOT_FOUND falls back to the encoder.
+
 with Client() as client:                      # $VLM_ENCODER_ADDR / $VLM_LLM_ADDR, or arguments
     result = client.generate("USER: <image>\\nWhat is this? ASSISTANT:", images=["cat.png"], max_tokens=32)
     for delta in client.generate("Tell me a story.", stream=True, max_tokens=64):
@@ -14,7 +17,13 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from vlm.v1 import encoder_service_pb2, encoder_service_pb2_grpc, llm_service_pb2, llm_service_pb2_grpc
+from vlm.v1 import (
+    common_pb2,
+    encoder_service_pb2,
+    encoder_service_pb2_grpc,
+    llm_service_pb2,
+    llm_service_pb2_grpc,
+)
 
 from client_sdk import convert
 from client_sdk.call import CallSpec, Deadline, Prompt, prepare_call, should_resend
@@ -26,6 +35,8 @@ from client_sdk.types import GenerateResult, StreamDelta
 from vlm_protocol.media_ids import PreprocessingIdentity
 
 logger = logging.getLogger(__name__)
+
+SHM = common_pb2.EMBEDDING_TRANSPORT_SHARED_MEMORY
 
 
 class Client(ClientBase):
@@ -40,6 +51,12 @@ class Client(ClientBase):
         ``--encoder-address``); by default the SDK talks to the encoder itself.
       credentials: TLS channel credentials; None for plaintext.
       channel_options: extra gRPC channel options.
+      held_ids_capacity: content ids (LRU, default 4096) remembered as accepted by the LLM service; a
+        call whose media all have remembered, locally computed ids skips the encoder and sends ids
+        straight to the LLM service, falling back to the encoder on NOT_FOUND. 0 disables it.
+      embedding_transport: "auto" (default, or ``$VLM_EMBEDDING_TRANSPORT``), "bytes" or
+        "shared_memory": whether the encoder hands embeddings to the LLM service through its shared
+        memory instead of the gRPC messages (same host only; ``client_sdk.embedding_transport``).
     """
 
     # --- connections --------------------------------------------------------------------------
@@ -184,9 +201,12 @@ class Client(ClientBase):
                 )
                 break
             except VlmClientError as exc:
-                if not should_resend(exc, plan, attempt, one_call=self.settings.one_call):
+                if not should_resend(
+                    exc, plan, attempt, one_call=self.settings.one_call, transport=self._transport
+                ):
                     raise
                 inputs = plan.llm_inputs(self._upload(plan, exc, spec, deadline))
+        self._held_ids.accepted(plan)
         timing = convert.timings(
             response.timings,
             encode_ms=encode_ms,
@@ -210,7 +230,9 @@ class Client(ClientBase):
             received = False
             try:
                 for message in call:
-                    received = True
+                    if not received:  # the LLM service resolved every id: it holds them now
+                        received = True
+                        self._held_ids.accepted(plan)
                     if first_token_ms is None and message.token_ids:
                         first_token_ms = deadline.elapsed_ms()
                     timing = None
@@ -226,7 +248,9 @@ class Client(ClientBase):
                 return
             except grpc.RpcError as rpc_error:
                 exc = from_rpc_error(rpc_error, target=target, method=method)
-                if received or not should_resend(exc, plan, attempt, one_call=self.settings.one_call):
+                if received or not should_resend(
+                    exc, plan, attempt, one_call=self.settings.one_call, transport=self._transport
+                ):
                     raise exc from None
             finally:
                 call.cancel()  # no-op once finished; frees the server's request if we stop early
@@ -247,27 +271,63 @@ class Client(ClientBase):
             return MediaPlan(spec.media, None)
         identity, default_num_frames = self._identity(deadline)
         plan = MediaPlan(spec.media, identity, default_num_frames=default_num_frames)
+        if self._held_ids.take_shortcut(plan):
+            return plan  # the LLM service accepted every id before: ask it first, skip the encoder
         lookup = plan.lookup_request()
         if lookup is not None:
             plan.apply_lookup(self._call(ENCODER, "LookupEmbeddings", lookup, deadline, spec.metadata))
         self._encode(plan, plan.encode_indices(), spec, deadline)
+        self._check_identity(plan)
+        return plan
+
+    def _check_identity(self, plan: MediaPlan) -> None:
         if plan.ids_disagree:
             self._encoder_info = None  # the encoder's identity changed (restart with another model?)
-        return plan
+            self._held_ids.clear()  # the remembered ids were computed with the old one
 
     def _encode(self, plan: MediaPlan, indices: list[int], spec: CallSpec, deadline: Deadline) -> None:
         if indices:
+            if plan.output_transport == common_pb2.EMBEDDING_TRANSPORT_UNSPECIFIED:
+                plan.output_transport = self._output_transport(deadline)
             request = plan.encode_request(indices, spec.request_id)
-            plan.apply_encode(indices, self._call(ENCODER, "Encode", request, deadline, spec.metadata))
+            try:
+                response = self._call(ENCODER, "Encode", request, deadline, spec.metadata)
+            except VlmClientError as exc:
+                if not self._transport.fall_back(exc, used_shared_memory=request.output_transport == SHM):
+                    raise
+                plan.output_transport = common_pb2.EMBEDDING_TRANSPORT_BYTES  # this encoder has no ring
+                request = plan.encode_request(indices, spec.request_id)
+                response = self._call(ENCODER, "Encode", request, deadline, spec.metadata)
+            plan.apply_encode(indices, response)
+
+    def _output_transport(self, deadline: Deadline) -> int:
+        """EncodeRequest.output_transport for this client (asks the LLM service once, in auto mode)."""
+        if self._transport.needs_llm_info(self._encoder_info):
+            try:
+                request = llm_service_pb2.LlmServiceGetModelInfoRequest()
+                self._transport.set_llm_info(self._call(LLM, "GetModelInfo", request, deadline))
+            except VlmClientError as exc:  # not fatal here: bytes now, ask again next time
+                logger.debug("LLM GetModelInfo failed (%s); embeddings go as bytes", exc)
+                return common_pb2.EMBEDDING_TRANSPORT_BYTES
+        return self._transport.output_transport(self._encoder_info)
 
     def _upload(self, plan: MediaPlan, exc: VlmClientError, spec: CallSpec, deadline: Deadline) -> set[str]:
         """After NOT_FOUND: gather the embeddings the LLM service lacks, for a resend with tensors."""
-        upload = plan.upload_ids(getattr(exc, "content_ids", ()))
-        logger.debug("LLM service lacks %d embedding(s); resending them whole", len(upload))
+        missing = getattr(exc, "content_ids", ())
+        self._held_ids.not_found(plan, missing)
+        shortcut = plan.encoder_skipped
+        upload = plan.upload_ids(missing)
+        upload |= plan.drop_shared_memory()  # the resend carries bytes: a slot may be gone or unreadable
+        logger.debug(
+            "LLM service lacks %d embedding(s)%s; resending them whole",
+            len(upload),
+            " (LLM-first shortcut missed)" if shortcut else "",
+        )
         fetch = plan.fetch_request(upload)
         if fetch is not None:
             plan.apply_fetch(self._call(ENCODER, "LookupEmbeddings", fetch, deadline, spec.metadata))
         self._encode(plan, plan.reencode_indices(upload), spec, deadline)
+        self._check_identity(plan)
         return upload
 
 

@@ -13,7 +13,11 @@ from typing import Any
 import grpc
 
 from vlm_protocol import errors as protocol
-from vlm_protocol.errors import MISSING_CONTENT_IDS_METADATA_KEY, parse_missing_content_ids
+from vlm_protocol.errors import (
+    MISSING_CONTENT_IDS_METADATA_KEY,
+    SHARED_MEMORY_UNAVAILABLE_METADATA_KEY,
+    parse_missing_content_ids,
+)
 
 
 class VlmClientError(protocol.VlmError):
@@ -64,9 +68,14 @@ class PermissionDeniedError(VlmClientError, protocol.PermissionDeniedError):
 
 
 class FailedPreconditionError(VlmClientError, protocol.FailedPreconditionError):
-    """The deployment lacks a feature the request needs (video on an image-only model, ...)."""
+    """The deployment lacks a feature the request needs (video on an image-only model, ...).
+
+    ``shared_memory_region``: set (possibly to "") when the cause is a shared-memory tensor the server
+    cannot read or write (the ``vlm-shared-memory-unavailable`` trailer); None otherwise.
+    """
 
     default_code = grpc.StatusCode.FAILED_PRECONDITION
+    shared_memory_region: str | None = None
 
 
 class UnavailableError(VlmClientError, protocol.UnavailableError):
@@ -120,6 +129,14 @@ def missing_content_ids(error: grpc.RpcError) -> tuple[str, ...]:
     return tuple(ids)
 
 
+def _trailer(error: grpc.RpcError, key: str) -> str | None:
+    trailing: Any = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+    for name, value in trailing or ():
+        if name == key:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return None
+
+
 def from_rpc_error(error: grpc.RpcError, *, target: str = "", method: str = "") -> VlmClientError:
     """The typed SDK exception for a failed call (``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
@@ -131,6 +148,8 @@ def from_rpc_error(error: grpc.RpcError, *, target: str = "", method: str = "") 
     exc = cls(message, code=code, details=details, target=target, method=method)
     if isinstance(exc, NotFoundError):
         exc.content_ids = missing_content_ids(error)
+    elif isinstance(exc, FailedPreconditionError):
+        exc.shared_memory_region = _trailer(error, SHARED_MEMORY_UNAVAILABLE_METADATA_KEY)
     return exc
 
 

@@ -11,6 +11,10 @@ No I/O: the sync and async clients drive the same plan through the same steps:
    ``LookupEmbeddings(return_embeddings)`` -> ``apply_fetch``; still missing: encode again) and resend
    with ``llm_inputs(upload)``, which carries those embeddings whole.
 
+LLM-first shortcut (``client_sdk.held_ids``): when the client remembers that the LLM service accepted
+every item's locally computed id, ``skip_encoder()`` replaces steps 1 and 2, step 3 sends ids only,
+and a NOT_FOUND goes through step 4 (the fetch then also tells what the encoder holds).
+
 ``llm_inputs`` returns sources (a content id or an ``Embedding``), not messages: the request builder
 copies each embedding into the request once (``convert.build_generate_request``), where wrapping it in
 a ``MultimodalInput`` first would copy its megabytes twice.
@@ -57,10 +61,14 @@ class MediaPlan:
         ]
         self.embeddings: dict[str, common_pb2.Embedding] = {}
         self.fresh_ids: set[str] = set()  # embeddings Encode computed for this call (not cached)
+        # EncodeRequest.output_transport; UNSPECIFIED until the client decides (client_sdk.embedding_transport)
+        self.output_transport: int = common_pb2.EMBEDDING_TRANSPORT_UNSPECIFIED
         self.encoder_cache_hits = 0
         self.tensors_uploaded = 0
         self.ids_disagree = False  # the encoder computed other ids than we did (identity changed?)
+        self.encoder_skipped = False  # LLM-first shortcut: the encoder was not asked (so far)
         self._found: set[str] = set()
+        self._renamed: dict[str, str] = {}  # local id -> the encoder's, where they differ
         # what makes two items the same input: the local id, else (URLs) the wire form
         self._keys: list[str | bytes] = [
             cid or m.item.SerializeToString(deterministic=True)
@@ -68,6 +76,12 @@ class MediaPlan:
         ]
 
     # --- encoder ------------------------------------------------------------------------------
+
+    def skip_encoder(self) -> None:
+        """LLM-first shortcut: the LLM service is believed to hold every item's local id; send ids only."""
+        if not self.uses_encoder or any(cid is None for cid in self.content_ids):
+            raise AssertionError("skip_encoder needs a locally computed id for every item")
+        self.encoder_skipped = True
 
     def lookup_request(self) -> encoder_service_pb2.LookupEmbeddingsRequest | None:
         """Ask the encoder which locally known ids it holds; None when no id is known (URLs only)."""
@@ -93,6 +107,7 @@ class MediaPlan:
             request_id=request_id,
             items=[self.media[i].item for i in indices],
             num_prompt_images=self.num_prompt_images,
+            output_transport=self.output_transport,
         )
 
     def apply_encode(self, indices: Sequence[int], response: encoder_service_pb2.EncodeResponse) -> None:
@@ -104,6 +119,7 @@ class MediaPlan:
             served_id = encoded.embedding.content_id
             if self.content_ids[i] is not None and self.content_ids[i] != served_id:
                 self.ids_disagree = True
+                self._renamed[self.content_ids[i]] = served_id
                 logger.warning(
                     "encoder content id %s differs from the local one %s", served_id, self.content_ids[i]
                 )
@@ -127,7 +143,7 @@ class MediaPlan:
         """One input source per item: the whole embedding (once per id) for ids in ``upload`` and for
         fresh ones (encoded by this call; on a resend they go again, as the replica that answered may
         not have kept them), else the content id. Counts the embeddings sent whole."""
-        whole = set(upload) | self.fresh_ids
+        whole = {self._renamed.get(cid, cid) for cid in upload} | self.fresh_ids
         inputs: list[LlmInput] = []
         sent: set[str] = set()
         for cid in self.content_ids:
@@ -154,6 +170,7 @@ class MediaPlan:
             raise NotFoundError(
                 f"the LLM service reported unknown content ids that this request did not send: {sorted(named)}"
             )
+        self.encoder_skipped = False  # the shortcut, if taken, failed: the encoder must serve these
         return upload
 
     def fetch_request(self, upload: Collection[str]) -> encoder_service_pb2.LookupEmbeddingsRequest | None:
@@ -168,6 +185,26 @@ class MediaPlan:
     def apply_fetch(self, response: encoder_service_pb2.LookupEmbeddingsResponse) -> None:
         for embedding in response.embeddings:
             self.embeddings[embedding.content_id] = embedding
+            cid = embedding.content_id
+            if cid in self.content_ids and cid not in self._found:  # no look-up counted it (shortcut)
+                self._found.add(cid)
+                self.encoder_cache_hits += 1
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether some embedding this plan holds has its features in the encoder's shared memory."""
+        return any(e.features.HasField("shared_memory") for e in self.embeddings.values())
+
+    def drop_shared_memory(self) -> set[str]:
+        """Before a resend: from now on this plan's embeddings travel as bytes. Forgets the embeddings
+        held only as shared-memory references (their slot may be gone) so that they are fetched (or
+        encoded) again as bytes, and returns those that the resend carries whole anyway (the fresh
+        ones): add them to the upload set so that they are fetched."""
+        self.output_transport = common_pb2.EMBEDDING_TRANSPORT_BYTES
+        dropped = {cid for cid, e in self.embeddings.items() if e.features.HasField("shared_memory")}
+        for cid in dropped:
+            del self.embeddings[cid]
+        return dropped & self.fresh_ids
 
     def reencode_indices(self, upload: Collection[str]) -> list[int]:
         """Items whose embedding is still missing (the encoder evicted it): encode them again."""
@@ -184,6 +221,7 @@ class MediaPlan:
             "encoder_cache_hits": self.encoder_cache_hits,
             "tensors_uploaded": self.tensors_uploaded,
             "content_ids": self.resolved_ids,
+            "encoder_skipped": self.encoder_skipped,
         }
 
 

@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from client_sdk.embedding_transport import (
+    AUTO,
+    TransportChoice,
+    resolve_embedding_transport,
+    validate_embedding_transport,
+)
 from client_sdk.errors import InvalidArgumentError
+from client_sdk.held_ids import DEFAULT_HELD_IDS_CAPACITY, HeldIds
 
 ENCODER_ADDRESS_ENV = "VLM_ENCODER_ADDR"
 LLM_ADDRESS_ENV = "VLM_LLM_ADDR"
@@ -36,6 +43,12 @@ class ClientSettings:
       one_call: send raw media to the LLM service, which encodes them through its own encoder
         (it must run with ``--encoder-address``); the encoder address is then unused.
       extra_channel_options: appended to the channel options (e.g. keepalive settings).
+      held_ids_capacity: how many content ids the LLM service accepted the client remembers (an LRU)
+        for the LLM-first shortcut: a call whose media all have remembered ids skips the encoder
+        (``client_sdk.held_ids``); 0 disables the shortcut.
+      embedding_transport: how embeddings go from the encoder to the LLM service: "auto" (shared
+        memory when both services offer it and both addresses are local, else bytes), "bytes" or
+        "shared_memory" (``client_sdk.embedding_transport``).
     """
 
     encoder_address: str
@@ -44,8 +57,13 @@ class ClientSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     one_call: bool = False
     extra_channel_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    held_ids_capacity: int = DEFAULT_HELD_IDS_CAPACITY
+    embedding_transport: str = AUTO
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "embedding_transport", validate_embedding_transport(self.embedding_transport)
+        )
         for name in ("encoder_address", "llm_address"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
@@ -62,6 +80,9 @@ class ClientSettings:
             raise InvalidArgumentError(
                 f"max_message_bytes must be in [1, {_MAX_GRPC_MESSAGE_BYTES}], got {self.max_message_bytes}"
             )
+        capacity = self.held_ids_capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise InvalidArgumentError(f"held_ids_capacity must be an int >= 0, got {capacity!r}")
 
     @classmethod
     def resolve(
@@ -73,8 +94,10 @@ class ClientSettings:
         channel_options: Sequence[tuple[str, Any]] = (),
         **kwargs: Any,
     ) -> ClientSettings:
-        """Settings from arguments, falling back to $VLM_ENCODER_ADDR / $VLM_LLM_ADDR, then the defaults."""
+        """Settings from arguments, falling back to $VLM_ENCODER_ADDR / $VLM_LLM_ADDR (and
+        $VLM_EMBEDDING_TRANSPORT), then the defaults."""
         env = os.environ if environ is None else environ
+        kwargs["embedding_transport"] = resolve_embedding_transport(kwargs.get("embedding_transport"), env)
         return cls(
             encoder_address=encoder_address or env.get(ENCODER_ADDRESS_ENV) or DEFAULT_ENCODER_ADDRESS,
             llm_address=llm_address or env.get(LLM_ADDRESS_ENV) or DEFAULT_LLM_ADDRESS,
@@ -111,6 +134,8 @@ class ClientBase:
         one_call: bool = False,
         credentials: Any = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        held_ids_capacity: int = DEFAULT_HELD_IDS_CAPACITY,
+        embedding_transport: str | None = None,
     ) -> None:
         self.settings = ClientSettings.resolve(
             encoder_address,
@@ -119,12 +144,18 @@ class ClientBase:
             max_message_bytes=max_message_bytes,
             one_call=one_call,
             channel_options=channel_options,
+            held_ids_capacity=held_ids_capacity,
+            embedding_transport=embedding_transport,
         )
         self._credentials = credentials  # grpc.ChannelCredentials or None for plaintext
         self._channels: dict[str, Any] = {}
         self._encoder_info: Any = None  # EncoderServiceGetModelInfoResponse once fetched
         self._closed = False
         self._lock = threading.Lock()  # guards channel creation in the thread-safe sync client
+        self._held_ids = HeldIds(self.settings.held_ids_capacity)  # LLM-first shortcut (own lock)
+        self._transport = TransportChoice(
+            self.settings.embedding_transport, self.settings.encoder_address, self.settings.llm_address
+        )
 
     @property
     def encoder_address(self) -> str:

@@ -45,7 +45,9 @@ class Usage:
 class Timings:
     """Where the time of one ``generate`` call went, in milliseconds.
 
-    Client side: ``encode_ms`` (encoder look-up and encoding, 0 for text-only requests),
+    Client side: ``encode_ms`` (content ids, encoder look-up and encoding, before the LLM call; 0
+    for text-only requests; with ``encoder_skipped`` only the local content-id hashing; a fallback
+    after NOT_FOUND counts in ``time_to_first_token_ms``),
     ``time_to_first_token_ms`` (streaming: until the first token arrived; unary: until the LLM call
     was sent plus the server's time to first token) and ``total_ms``. Server side (LLM service):
     ``queue_ms``, ``prefill_ms``, ``decode_ms``, ``time_per_output_token_ms``,
@@ -67,9 +69,15 @@ class Timings:
 class GenerateResult:
     """A finished generation.
 
-    ``encoder_cache_hits``: media the encoder already held (found by look-up or reported cached by
-    ``Encode``). ``tensors_uploaded``: embeddings sent whole to the LLM service, because the encoder had
-    just computed them or the LLM service did not hold their content ids (0 when every id was known).
+    ``encoder_cache_hits``: distinct media the encoder already held when it was asked (found by
+    look-up or fetch, or reported cached by ``Encode``); media it was not asked about do not count.
+    ``encoder_skipped``: the LLM-first shortcut sent ids straight to the LLM service, which held every
+    one of them, so the encoder was not called at all and ``encoder_cache_hits`` is 0 (the client had
+    seen the LLM service accept these ids before; see ``Client(held_ids_capacity=)``). When the LLM
+    service answered NOT_FOUND to the shortcut, the call fell back to the encoder for the ids it
+    lacked (fetched from its cache: counted as hits; or encoded again), ``encoder_skipped`` is False.
+    ``tensors_uploaded``: embeddings sent whole to the LLM service, because the encoder had just
+    computed them or the LLM service did not hold their content ids (0 when every id was known).
     ``content_ids`` lists the media's ids in order.
     """
 
@@ -88,6 +96,7 @@ class GenerateResult:
     prompt_text: str = ""
     prompt_token_ids: tuple[int, ...] = ()
     prompt_log_probs: tuple[PositionLogProbs, ...] = ()
+    encoder_skipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,8 @@ class StreamDelta:
 
     Text can lag tokens (partial UTF-8, a possible stop string), so a delta may carry tokens and no
     text. Only the last delta has ``finish_reason`` set; it also carries ``usage``, ``timings``, the
-    cache counters and the stop details. The prompt echo fields come with the first delta.
+    cache counters (as ``GenerateResult``'s) and the stop details. The prompt echo fields come with the
+    first delta.
     """
 
     text: str
@@ -114,6 +124,7 @@ class StreamDelta:
     prompt_text: str = ""
     prompt_token_ids: tuple[int, ...] = ()
     prompt_log_probs: tuple[PositionLogProbs, ...] = ()
+    encoder_skipped: bool = False
 
     @property
     def is_last(self) -> bool:
@@ -151,6 +162,7 @@ def join_deltas(deltas: Iterable[StreamDelta]) -> GenerateResult:
         encoder_cache_hits=last.encoder_cache_hits,
         tensors_uploaded=last.tensors_uploaded,
         content_ids=last.content_ids,
+        encoder_skipped=last.encoder_skipped,
         prompt_text=first.prompt_text,
         prompt_token_ids=first.prompt_token_ids,
         prompt_log_probs=first.prompt_log_probs,

@@ -121,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     batching.add_argument("--num-workers", type=int, default=2, help="decode/preprocess threads (default: 2)")
     batching.add_argument("--num-fetch-workers", type=int, default=8, help="URL fetch threads (default: 8)")
 
+    transport = parser.add_argument_group("embedding transport")
+    transport.add_argument(
+        "--shared-memory-mb",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="size in MiB of a POSIX shared-memory ring (/dev/shm/vlm-emb-*) for Encode requests that ask "
+        "for EMBEDDING_TRANSPORT_SHARED_MEMORY: the features are written there and only a reference "
+        "crosses gRPC, for an LLM service on the same host that shares /dev/shm (compose: ipc). The "
+        "ring holds the last N MiB of embeddings (a LLaVA-1.5 image is 4.5 MiB in bf16); its pages are "
+        "reserved at start-up, so /dev/shm must have room (Docker's default is 64 MiB: set shm_size). "
+        "0 = off (default)",
+    )
+
     limits = parser.add_argument_group("media limits")
     limits.add_argument("--max-items-per-request", type=int, default=16, help="media items per Encode (16)")
     limits.add_argument("--max-media-bytes", type=parse_bytes, default="32MiB", help="encoded file size cap")
@@ -162,6 +176,16 @@ def _bucket_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give positive batch sizes, e.g. 1,2,4,8")
     return values
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0 (0 = off)")
+    return value
 
 
 def _apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -210,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
         cache_bytes=args.cache_bytes,
         num_workers=args.num_workers,
         num_fetch_workers=args.num_fetch_workers,
+        shared_memory_bytes=args.shared_memory_mb * 1024 * 1024,
         limits=MediaLimits(
             max_items_per_request=args.max_items_per_request,
             max_media_bytes=args.max_media_bytes,
@@ -257,8 +282,18 @@ async def serve(config: EncoderConfig) -> None:
     from vlm_protocol.grpc_server import install_signal_handlers
 
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, load_engine, config)  # keep the loop free while loading
-    server = build_server(config, engine)
+    ring = None
+    if config.shared_memory_bytes:
+        from vlm_protocol.shared_memory import SharedMemoryRing
+
+        ring = SharedMemoryRing(config.shared_memory_bytes)  # before the model: a full /dev/shm fails fast
+    try:
+        engine = await loop.run_in_executor(None, load_engine, config)  # keep the loop free while loading
+        server = build_server(config, engine, shared_memory=ring)
+    except BaseException:
+        if ring is not None:
+            ring.close()
+        raise
     remove_handlers = install_signal_handlers(server.running)
     try:
         await server.start()  # health NOT_SERVING until the warm-up encode has run

@@ -158,6 +158,9 @@ class EncoderConfig:
       num_workers: threads that decode and preprocess media.
       num_fetch_workers: threads that fetch URLs (I/O bound, kept apart so slow hosts cannot starve
         preprocessing).
+      shared_memory_bytes: size of the POSIX shared-memory ring (/dev/shm) into which Encode writes the
+        features when a request asks for EMBEDDING_TRANSPORT_SHARED_MEMORY, so that an LLM service on
+        the same host reads them without a copy through gRPC; reserved at start-up. 0 disables it.
       limits: media limits.
       url_policy: URL fetching policy.
       server: gRPC transport settings.
@@ -181,6 +184,7 @@ class EncoderConfig:
     cache_bytes: int = 1024 * MiB
     num_workers: int = 2
     num_fetch_workers: int = 8
+    shared_memory_bytes: int = 0
     limits: MediaLimits = field(default_factory=MediaLimits)
     url_policy: UrlPolicy = field(default_factory=UrlPolicy)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -229,6 +233,10 @@ class EncoderConfig:
             )
         _check_positive("num_workers", self.num_workers)
         _check_positive("num_fetch_workers", self.num_fetch_workers)
+        if self.shared_memory_bytes < 0:
+            raise InvalidArgumentError(
+                f"shared_memory_bytes must be >= 0 (0 disables shared memory), got {self.shared_memory_bytes}"
+            )
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:

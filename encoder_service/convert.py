@@ -8,7 +8,8 @@ Wire-level checks happen here (which oneof is set, tensor dtype and shape form, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +19,11 @@ from encoder_service.config import EncoderConfig
 from encoder_service.engines.base import CROSS_ATTENTION
 from encoder_service.pipeline import EmbeddingRecord, EncodeOutcome, EncoderPipeline, MediaRequestItem
 from vlm_protocol.content_id import validate_content_id
-from vlm_protocol.errors import InvalidArgumentError
-from vlm_protocol.tensor_codec import decode_numpy, encode_numpy, encode_torch
+from vlm_protocol.errors import InvalidArgumentError, SharedMemoryUnavailableError
+from vlm_protocol.shared_memory import SharedMemoryRing, SharedMemoryRingFullError
+from vlm_protocol.tensor_codec import data_type_for_name, decode_numpy, encode_numpy, encode_torch
+
+logger = logging.getLogger(__name__)
 
 MAX_LOOKUP_IDS = 4096
 
@@ -120,6 +124,27 @@ def output_dtype_from_proto(value: int, default: str, *, field: str = "output_dt
     return name
 
 
+def shared_memory_for_request(
+    request: encoder_service_pb2.EncodeRequest, ring: SharedMemoryRing | None
+) -> SharedMemoryRing | None:
+    """The ring to write this request's features into: None for bytes transport."""
+    transport = request.output_transport
+    if transport in (common_pb2.EMBEDDING_TRANSPORT_UNSPECIFIED, common_pb2.EMBEDDING_TRANSPORT_BYTES):
+        return None
+    if transport != common_pb2.EMBEDDING_TRANSPORT_SHARED_MEMORY:
+        raise InvalidArgumentError(
+            f"output_transport {transport} is not an EmbeddingTransport value; use "
+            "EMBEDDING_TRANSPORT_BYTES or EMBEDDING_TRANSPORT_SHARED_MEMORY"
+        )
+    if ring is None:
+        raise SharedMemoryUnavailableError(  # FAILED_PRECONDITION, with the trailer clients recognise
+            "output_transport EMBEDDING_TRANSPORT_SHARED_MEMORY needs an encoder started with "
+            "--shared-memory-mb N (and an LLM service on the same host); this one has no shared-memory "
+            "region: request EMBEDDING_TRANSPORT_BYTES"
+        )
+    return ring
+
+
 def lookup_ids_from_request(request: encoder_service_pb2.LookupEmbeddingsRequest) -> list[str]:
     if len(request.content_ids) > MAX_LOOKUP_IDS:
         raise InvalidArgumentError(
@@ -132,12 +157,24 @@ def lookup_ids_from_request(request: encoder_service_pb2.LookupEmbeddingsRequest
 
 
 def encode_response(
-    request_id: str, outcome: EncodeOutcome, pipeline: EncoderPipeline, output_dtype: str, total_ms: float
+    request_id: str,
+    outcome: EncodeOutcome,
+    pipeline: EncoderPipeline,
+    output_dtype: str,
+    total_ms: float,
+    *,
+    shared_memory: SharedMemoryRing | None = None,
 ) -> encoder_service_pb2.EncodeResponse:
+    """The Encode response; with ``shared_memory`` the features go into that ring (see fill_embedding)."""
     response = encoder_service_pb2.EncodeResponse(request_id=request_id)
+    written: list[int] = []  # this response's slots: a later item must not overwrite them
     for result in outcome.results:
         entry = response.results.add(cached=result.is_cached)
-        fill_embedding(entry.embedding, result.record, pipeline, output_dtype)
+        generation = fill_embedding(
+            entry.embedding, result.record, pipeline, output_dtype, shared_memory=shared_memory, keep=written
+        )
+        if generation is not None:
+            written.append(generation)
     stages = outcome.stage_ms
     timings = response.timings
     timings.queue_ms = stages["queue"]
@@ -169,14 +206,29 @@ def lookup_response(
 
 
 def fill_embedding(
-    embedding: common_pb2.Embedding, record: EmbeddingRecord, pipeline: EncoderPipeline, output_dtype: str
-) -> None:
-    """Write ``record`` into ``embedding`` (features cast to ``output_dtype``)."""
+    embedding: common_pb2.Embedding,
+    record: EmbeddingRecord,
+    pipeline: EncoderPipeline,
+    output_dtype: str,
+    *,
+    shared_memory: SharedMemoryRing | None = None,
+    keep: Collection[int] = (),
+) -> int | None:
+    """Write ``record`` into ``embedding`` (features cast to ``output_dtype``).
+
+    With ``shared_memory`` the features are written into a slot of that ring and ``features`` carries
+    only the slice; the slot's generation is returned. An item that gets no slot (larger than the ring,
+    or it would overwrite a slot in ``keep`` or one being written) goes as bytes, and None is returned.
+    """
     engine = pipeline.engine
     output = record.output
     features = output.features
     target = _TORCH_DTYPES[output_dtype]
-    encode_torch(features if features.dtype == target else features.to(target), out=embedding.features)
+    generation = None
+    if shared_memory is not None:
+        generation = _write_shared_memory(shared_memory, features, output_dtype, embedding.features, keep)
+    if generation is None:
+        encode_torch(features if features.dtype == target else features.to(target), out=embedding.features)
     embedding.content_id = record.content_id
     embedding.media_type = (
         common_pb2.MEDIA_TYPE_VIDEO if record.media_type == "video" else common_pb2.MEDIA_TYPE_IMAGE
@@ -200,10 +252,56 @@ def fill_embedding(
     embedding.num_frames = record.num_frames
     if engine.family == "llava_onevision" and record.media_type == "image":
         embedding.num_patches = output.num_crops
+    return generation
+
+
+def _write_shared_memory(
+    ring: SharedMemoryRing,
+    features: torch.Tensor,
+    output_dtype: str,
+    out: common_pb2.Tensor,
+    keep: Collection[int],
+) -> int | None:
+    """Cast and copy ``features`` straight into a ring slot (one pass; a device tensor goes device ->
+    host into the slot) and point ``out`` at it. None when the item gets no slot."""
+    target = _TORCH_DTYPES[output_dtype]
+    numel = features.numel()
+    nbytes = numel * target.itemsize
+    if nbytes == 0:
+        return None
+    try:
+        slice_, view = ring.reserve(nbytes, keep=keep)
+    except (SharedMemoryRingFullError, SharedMemoryUnavailableError) as exc:
+        logger.debug("embedding of %d bytes goes as bytes: %s", nbytes, exc)
+        return None
+    try:
+        slot = torch.frombuffer(view, dtype=target, count=numel).view(features.shape)
+        slot.copy_(features)
+        del slot  # nothing may point into the slot once it is published
+    except BaseException:
+        view.release()
+        ring.abandon(slice_)
+        raise
+    view.release()
+    try:
+        ring.publish(slice_)
+    except SharedMemoryUnavailableError:  # the ring was closed meanwhile (shutdown)
+        return None
+    out.Clear()
+    out.dtype = data_type_for_name(output_dtype)
+    out.shape.extend(features.shape)
+    shm = out.shared_memory
+    shm.region, shm.offset, shm.length, shm.generation = (
+        slice_.region,
+        slice_.offset,
+        slice_.length,
+        slice_.generation,
+    )
+    return slice_.generation
 
 
 def model_info_response(
-    pipeline: EncoderPipeline, config: EncoderConfig
+    pipeline: EncoderPipeline, config: EncoderConfig, *, shared_memory_available: bool = False
 ) -> encoder_service_pb2.EncoderServiceGetModelInfoResponse:
     engine = pipeline.engine
     limits = config.limits
@@ -237,6 +335,7 @@ def model_info_response(
             max_send_message_bytes=config.server.max_message_bytes,
             url_fetch_timeout_ms=policy.total_timeout_s * 1000.0,
         ),
+        shared_memory_available=shared_memory_available,
     )
 
 

@@ -23,6 +23,7 @@ from vlm_protocol import media_ids
 from vlm_protocol.checkpoint_identity import model_fingerprint, processor_config_hash
 from vlm_protocol.grpc_server import RunningServer, ServiceRegistration
 from vlm_protocol.grpc_server import build_server as build_grpc_server
+from vlm_protocol.shared_memory import SharedMemoryRing
 
 if TYPE_CHECKING:
     from encoder_service.engines.compiled import CompileSettings
@@ -45,6 +46,11 @@ class EncoderServer:
         return self.running.address
 
     @property
+    def shared_memory(self) -> SharedMemoryRing | None:
+        """The shared-memory ring Encode writes into on request (``--shared-memory-mb``), if any."""
+        return self.service.shared_memory
+
+    @property
     def port(self) -> int:
         return self.running.port
 
@@ -62,30 +68,52 @@ class EncoderServer:
     async def drain(self, grace_period_s: float | None = None) -> None:
         """Graceful stop (NOT_SERVING, in-flight RPCs finish), then release the pipeline."""
         await self.running.drain(grace_period_s)
-        await self.pipeline.close()
+        await self.close()
 
     async def stop_now(self) -> None:
         await self.running.stop_now()
-        await self.pipeline.close()
+        await self.close()
 
     async def close(self) -> None:
-        """Release the pipeline once the gRPC server has stopped (after a signal-driven drain)."""
+        """Release the pipeline and unlink the shared-memory region once the gRPC server has stopped
+        (after a signal-driven drain). Idempotent."""
         await self.pipeline.close()
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
 
 def build_server(
-    config: EncoderConfig, engine: VisualEngine, *, fetcher: MediaFetcher | None = None
+    config: EncoderConfig,
+    engine: VisualEngine,
+    *,
+    fetcher: MediaFetcher | None = None,
+    shared_memory: SharedMemoryRing | None = None,
 ) -> EncoderServer:
-    """Bind a server for ``engine`` (call inside the event loop that will run it; then ``start()``)."""
+    """Bind a server for ``engine`` (call inside the event loop that will run it; then ``start()``).
+
+    ``shared_memory``: the ring for ``config.shared_memory_bytes`` if the caller already created it
+    (``serve`` does, before loading the model, to fail fast); otherwise it is created here. The server
+    owns it from now on and unlinks it in ``close``.
+    """
     identity = media_ids.PreprocessingIdentity(
         model_family=engine.family,
         model_fingerprint=model_fingerprint(config.model_dir),
         processor_config_hash=processor_config_hash(config.model_dir),
     )
-    pipeline = EncoderPipeline(config, engine, identity, fetcher=fetcher)
-    service = EncoderService(pipeline, config)
-    registration = ServiceRegistration(_add_servicer, service, SERVICE_NAME)
-    running = build_grpc_server(config.server, [registration])
+    ring = shared_memory
+    if ring is None and config.shared_memory_bytes:
+        ring = SharedMemoryRing(config.shared_memory_bytes)  # a too small /dev/shm fails here, clearly
+    try:
+        pipeline = EncoderPipeline(config, engine, identity, fetcher=fetcher)
+        service = EncoderService(pipeline, config, shared_memory=ring)
+        registration = ServiceRegistration(_add_servicer, service, SERVICE_NAME)
+        running = build_grpc_server(config.server, [registration])
+    except BaseException:
+        if ring is not None:
+            ring.close()
+        raise
+    if ring is not None:
+        logger.info("shared-memory embedding transport: %s (%.0f MiB)", ring.path, ring.size_bytes / 2**20)
     return EncoderServer(running, pipeline, service)
 
 

@@ -8,6 +8,7 @@ and URLs are never logged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from encoder_service.config import EncoderConfig
 from encoder_service.pipeline import EncodeOutcome, EncoderPipeline
 from vlm_protocol.errors import VlmError
 from vlm_protocol.grpc_server import handle_rpc_errors
+from vlm_protocol.shared_memory import SharedMemoryRing
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +29,16 @@ SERVICE_NAME = encoder_service_pb2.DESCRIPTOR.services_by_name["EncoderService"]
 
 
 class EncoderService(encoder_service_pb2_grpc.EncoderServiceServicer):
-    def __init__(self, pipeline: EncoderPipeline, config: EncoderConfig) -> None:
+    def __init__(
+        self,
+        pipeline: EncoderPipeline,
+        config: EncoderConfig,
+        *,
+        shared_memory: SharedMemoryRing | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._config = config
+        self.shared_memory = shared_memory  # the ring for EMBEDDING_TRANSPORT_SHARED_MEMORY, if configured
 
     @handle_rpc_errors
     async def Encode(
@@ -44,10 +53,16 @@ class EncoderService(encoder_service_pb2_grpc.EncoderServiceServicer):
             output_dtype = convert.output_dtype_from_proto(
                 request.output_dtype, self._config.default_output_dtype
             )
+            ring = convert.shared_memory_for_request(request, self.shared_memory)
             items = convert.items_from_request(request)
             outcome = await self._pipeline.encode(items, bypass_cache=request.bypass_cache)
             response = await self._pipeline.run_cpu(
-                convert.encode_response, request_id, outcome, self._pipeline, output_dtype, 0.0
+                functools.partial(convert.encode_response, shared_memory=ring),
+                request_id,
+                outcome,
+                self._pipeline,
+                output_dtype,
+                0.0,
             )
             response.timings.total_ms = (time.perf_counter() - started) * 1000.0
             return response
@@ -89,7 +104,9 @@ class EncoderService(encoder_service_pb2_grpc.EncoderServiceServicer):
         request: encoder_service_pb2.EncoderServiceGetModelInfoRequest,
         context: grpc.aio.ServicerContext,
     ) -> encoder_service_pb2.EncoderServiceGetModelInfoResponse:
-        return convert.model_info_response(self._pipeline, self._config)
+        return convert.model_info_response(
+            self._pipeline, self._config, shared_memory_available=self.shared_memory is not None
+        )
 
 
 def _log_summary(

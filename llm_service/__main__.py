@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     engine.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8_e4m3"),
+        default="auto",
+        help="element type of the paged KV cache: auto = the model dtype; fp8_e4m3 = float8_e4m3fn "
+        "(half the bytes: twice the KV blocks in the same memory, less K/V traffic per decode step) "
+        "with a per-tensor scale of 1.0, K/V stored as the nearest e4m3 value and saturated to +-448 "
+        "(no NaN; calibrated scales are future work). With the triton attention it needs compute "
+        "capability >= 8.9 (Ada/Hopper). mllama's cross-attention K/V stay in the model dtype",
+    )
+    engine.add_argument(
         "--max-model-len", type=int, default=None, help="context limit (default: the checkpoint's)"
     )
     engine.add_argument(
@@ -107,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget of the content-id embedding cache (0 disables it)",
     )
     service.add_argument(
+        "--accept-shared-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="accept embeddings whose features an encoder on this host left in shared memory "
+        "(EMBEDDING_TRANSPORT_SHARED_MEMORY): only its /dev/shm/vlm-emb-* regions are opened, read-only, "
+        "and each slot is checked and copied; the encoder's /dev/shm must be visible here (same host, "
+        "compose: ipc). Off: such inputs get FAILED_PRECONDITION and clients send bytes",
+    )
+    service.add_argument(
         "--encoder-address",
         default=None,
         help="host:port of an EncoderService; enables raw media inputs (one-call mode)",
@@ -150,8 +169,10 @@ def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         max_prefill_graph_tokens=args.max_prefill_graph_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
         engine_process=args.engine_process,
         embedding_cache_bytes=args.embedding_cache_bytes,
+        accept_shared_memory=args.accept_shared_memory,
         encoder_address=args.encoder_address,
         encoder_timeout_s=args.encoder_timeout_s,
         default_max_tokens=args.default_max_tokens,

@@ -24,6 +24,7 @@ MiB = 1024 * 1024
 DEFAULT_PORT = 50052
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # as layers/attention.py's KV_CACHE_DTYPES (no torch import here)
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,13 @@ class LlmServiceConfig:
     `max_num_batched_tokens` (per step), `max_model_len` (None: the checkpoint's), `max_queue_size`
     (waiting requests; more -> RESOURCE_EXHAUSTED), `max_prefill_chunk_tokens`,
     `enable_prefix_caching`, `seed`, `engine_process` (run the EngineCore in a child process, so the
-    gRPC threads and the engine loop do not share one GIL; opt-in until measured on a GPU).
+    gRPC threads and the engine loop do not share one GIL; opt-in until measured on a GPU),
+    `kv_cache_dtype` ("auto" = the model dtype; "fp8_e4m3" = float8_e4m3fn, twice the blocks).
 
     Service: `embedding_cache_bytes` (0 disables the cache: content_id references then always
-    answer NOT_FOUND), `encoder_address` (enables raw media inputs), `encoder_timeout_s`,
+    answer NOT_FOUND), `accept_shared_memory` (read embedding features that an encoder on this host
+    left in its /dev/shm ring: only `vlm-emb-*` regions, read-only), `encoder_address` (enables raw
+    media inputs), `encoder_timeout_s`,
     `default_max_tokens` (for `max_tokens == 0`), `request_timeout_s` (server-side cap per request,
     None = only the client's deadline), `max_multimodal_inputs`, `warmup`.
     """
@@ -69,7 +73,9 @@ class LlmServiceConfig:
     enforce_eager: bool = False  # True: no CUDA graphs (decode steps replay them on CUDA by default)
     engine_process: bool = False  # True: the EngineCore runs in its own process (ProcessEngineClient)
     max_prefill_graph_tokens: int = 2048  # prefill/mixed steps up to this many tokens replay piecewise graphs
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3 (saturating cast, scale 1.0)
     embedding_cache_bytes: int = 2048 * MiB
+    accept_shared_memory: bool = True
     encoder_address: str | None = None
     encoder_timeout_s: float = 60.0
     default_max_tokens: int = 256
@@ -119,6 +125,8 @@ class LlmServiceConfig:
             raise bad("seed", "must be in [0, 2^63)")
         if self.attention_backend not in ("auto", "reference", "batched", "triton"):
             raise bad("attention_backend", "must be auto, reference, batched or triton")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"must be one of {', '.join(_KV_CACHE_DTYPES)}")
         self.server_config()  # validates host, port, message size, grace period, drain delay
 
     @property
@@ -158,6 +166,7 @@ class LlmServiceConfig:
             attention_backend=self.attention_backend,
             enforce_eager=True if self.enforce_eager else None,
             max_prefill_graph_tokens=self.max_prefill_graph_tokens,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 

@@ -21,7 +21,8 @@ from llm_service.engine.request import FinishReason
 from llm_service.engine.sampling_params import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
 from llm_service.model_info import ModelDescription
 from vlm_protocol.content_id import validate_content_id
-from vlm_protocol.errors import FailedPreconditionError, InvalidArgumentError
+from vlm_protocol.errors import FailedPreconditionError, InvalidArgumentError, StaleSharedMemoryError
+from vlm_protocol.shared_memory import SharedMemoryReader
 from vlm_protocol.tensor_codec import data_type_for_name, decode_torch
 
 GenerateLike = llm_service_pb2.GenerateRequest | llm_service_pb2.GenerateStreamRequest
@@ -215,9 +216,23 @@ class InputSlot:
     embedding: MultimodalEmbedding | None = None  # sent in full
     content_id: str | None = None  # a reference to an embedding the server should hold
     media: common_pb2.MediaItem | None = None  # raw media for the encoder (one-call mode)
+    # content_id came from an embedding whose shared-memory slot was reused: usable only if cached
+    stale_shared_memory: bool = False
 
 
-def input_slots(request: GenerateLike, model: ModelDescription, *, max_inputs: int) -> list[InputSlot]:
+def input_slots(
+    request: GenerateLike,
+    model: ModelDescription,
+    *,
+    max_inputs: int,
+    shared_memory: SharedMemoryReader | None = None,
+) -> list[InputSlot]:
+    """Classify and check every multimodal input; full embeddings are decoded (``shared_memory``
+    reads those whose features are in shared memory; None refuses them with FAILED_PRECONDITION).
+
+    An embedding whose shared-memory slot was reused becomes a content-id reference: the cache may
+    still hold it, and otherwise the caller answers NOT_FOUND for it like for any unknown id.
+    """
     inputs = request.multimodal_inputs
     if len(inputs) > max_inputs:
         raise InvalidArgumentError(f"{len(inputs)} multimodal inputs sent; at most {max_inputs} per request")
@@ -226,11 +241,14 @@ def input_slots(request: GenerateLike, model: ModelDescription, *, max_inputs: i
         field = f"multimodal_inputs[{i}]"
         which = item.WhichOneof("source")
         if which == "embedding":
-            slots.append(
-                InputSlot(
-                    i, embedding=embedding_from_proto(item.embedding, model, field=f"{field}.embedding")
+            try:
+                embedding = embedding_from_proto(
+                    item.embedding, model, field=f"{field}.embedding", shared_memory=shared_memory
                 )
-            )
+            except StaleSharedMemoryError as exc:
+                slots.append(InputSlot(i, content_id=exc.content_ids[0], stale_shared_memory=True))
+                continue
+            slots.append(InputSlot(i, embedding=embedding))
         elif which == "content_id":
             slots.append(
                 InputSlot(i, content_id=validate_content_id(item.content_id, field=f"{field}.content_id"))
@@ -245,9 +263,18 @@ def input_slots(request: GenerateLike, model: ModelDescription, *, max_inputs: i
 
 
 def embedding_from_proto(
-    message: common_pb2.Embedding, model: ModelDescription, *, field: str
+    message: common_pb2.Embedding,
+    model: ModelDescription,
+    *,
+    field: str,
+    shared_memory: SharedMemoryReader | None = None,
 ) -> MultimodalEmbedding:
-    """Check an Embedding against the loaded model and decode its features."""
+    """Check an Embedding against the loaded model and decode its features.
+
+    ``shared_memory`` reads features that are in shared memory (None: FAILED_PRECONDITION for those).
+    A reused slot raises ``StaleSharedMemoryError`` naming the content id (NOT_FOUND, so the client
+    resends the bytes). Family, fingerprint and kind are checked before the features are read.
+    """
     content_id = validate_content_id(message.content_id, field=f"{field}.content_id")
     our_family = FAMILY_ENUMS.get(model.family, common_pb2.MODEL_FAMILY_UNSPECIFIED)
     if message.model_family not in (common_pb2.MODEL_FAMILY_UNSPECIFIED, our_family):
@@ -276,7 +303,13 @@ def embedding_from_proto(
         )
     if not message.HasField("features"):
         raise InvalidArgumentError(f"{field}.features is missing")
-    features = decode_torch(message.features, field=f"{field}.features")
+    try:
+        features = decode_torch(message.features, field=f"{field}.features", shared_memory=shared_memory)
+    except StaleSharedMemoryError as exc:
+        raise StaleSharedMemoryError(
+            f"{field} ({content_id}): the shared-memory slot was reused; resend the embedding bytes",
+            content_ids=(content_id,),
+        ) from exc
     shape = list(features.shape)
     if not features.is_floating_point():
         raise InvalidArgumentError(f"{field}.features must be one of {', '.join(_FLOAT_DTYPES)}")
@@ -516,6 +549,7 @@ def model_info_response(
     defaults: SamplingParams,
     limits: ServiceLimits,
     supports_media_inputs: bool,
+    accepts_shared_memory: bool = False,
 ) -> llm_service_pb2.LlmServiceGetModelInfoResponse:
     response = llm_service_pb2.LlmServiceGetModelInfoResponse(
         model_family=FAMILY_ENUMS.get(model.family, common_pb2.MODEL_FAMILY_UNSPECIFIED),
@@ -531,6 +565,7 @@ def model_info_response(
         hidden_size=model.hidden_size,
         model_dtype=data_type_for_name(model.dtype),
         supports_media_inputs=supports_media_inputs,
+        accepts_shared_memory=accepts_shared_memory,
         default_sampling=sampling_to_proto(defaults),
         limits=llm_service_pb2.LlmLimits(
             max_multimodal_inputs_per_request=limits.max_multimodal_inputs,

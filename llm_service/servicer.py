@@ -39,6 +39,7 @@ from vlm_protocol.errors import (
     VlmError,
 )
 from vlm_protocol.grpc_server import handle_rpc_errors
+from vlm_protocol.shared_memory import SharedMemoryReader
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
         )
         self._token_text = _TokenTexts(engine.tokenizer)
         self._is_ready = False
+        # read-only mappings of encoders' /dev/shm regions (EMBEDDING_TRANSPORT_SHARED_MEMORY)
+        self.shared_memory = SharedMemoryReader() if config.accept_shared_memory else None
         self._model_info = convert.model_info_response(
             model,
             defaults=defaults,
@@ -91,6 +94,7 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
                 max_message_bytes=config.max_message_bytes,
             ),
             supports_media_inputs=encoder is not None,
+            accepts_shared_memory=config.accept_shared_memory,
         )
 
     def set_ready(self) -> None:
@@ -100,6 +104,8 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
     async def close(self) -> None:
         if self.encoder is not None:
             await self.encoder.close()
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
     # --- RPCs ---------------------------------------------------------------------------------------
 
@@ -207,7 +213,12 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
         self, request, request_id: str, timeline: RequestTimeline, context
     ) -> list[MultimodalEmbedding]:
         """Every multimodal input as an embedding, in input order (see MultimodalInput)."""
-        slots = convert.input_slots(request, self.model, max_inputs=self.config.max_multimodal_inputs)
+        slots = convert.input_slots(
+            request,
+            self.model,
+            max_inputs=self.config.max_multimodal_inputs,
+            shared_memory=self.shared_memory,
+        )
         resolved: list[MultimodalEmbedding | None] = [slot.embedding for slot in slots]
         sent = {e.content_id: e for e in resolved if e is not None}
         for embedding in sent.values():
@@ -225,8 +236,10 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
                 continue
             resolved[slot.index] = embedding
         if missing:
+            stale = {slot.content_id for slot in slots if slot.stale_shared_memory} & set(missing)
+            why = f" ({len(stale)} sent in a shared-memory slot that was reused)" if stale else ""
             raise NotFoundError(
-                f"this server does not hold {len(missing)} referenced embedding(s): {', '.join(missing)}; "
+                f"this server does not hold {len(missing)} referenced embedding(s){why}: {', '.join(missing)}; "
                 "resend them in full",
                 content_ids=missing,
             )

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             )
         say()
         say(
-            f"cache check: encoder cache hit: {'yes' if second.encoder_cache_hits else 'no'}; "
+            f"cache check: encoder: {_encoder_outcome(second)}; "
             f"embeddings uploaded: {first.tensors_uploaded} then {second.tensors_uploaded}; "
             f"cached prompt tokens: {second.usage.cached_prompt_tokens} of {second.usage.prompt_tokens}; "
             f"same answer: {'yes' if first.token_ids == second.token_ids else 'no'}"
@@ -187,6 +187,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_services(services)
     return EXIT_OK
+
+
+def _encoder_outcome(result) -> str:
+    """How request 2's image got to the LLM service without being encoded again."""
+    if result.encoder_skipped:
+        return "skipped (the LLM service still held the embedding)"
+    return "cache hit" if result.encoder_cache_hits else "encoded again"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

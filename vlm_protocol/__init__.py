@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlm_protocol.errors import (
     MISSING_CONTENT_IDS_METADATA_KEY,
+    SHARED_MEMORY_UNAVAILABLE_METADATA_KEY,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -20,6 +21,8 @@ from vlm_protocol.errors import (
     PermissionDeniedError,
     RequestCancelledError,
     ResourceExhaustedError,
+    SharedMemoryUnavailableError,
+    StaleSharedMemoryError,
     UnavailableError,
     VlmError,
     error_for_status,
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MISSING_CONTENT_IDS_METADATA_KEY",
+    "SHARED_MEMORY_UNAVAILABLE_METADATA_KEY",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
@@ -70,6 +74,8 @@ __all__ = [
     "PermissionDeniedError",
     "RequestCancelledError",
     "ResourceExhaustedError",
+    "SharedMemoryUnavailableError",
+    "StaleSharedMemoryError",
     "UnavailableError",
     "VlmError",
     "error_for_status",

@@ -13,6 +13,10 @@ from collections.abc import Iterable
 # Trailing-metadata key carrying the content ids a NOT_FOUND refers to, comma separated, so the SDK
 # can resend exactly the missing embeddings.
 MISSING_CONTENT_IDS_METADATA_KEY = "vlm-missing-content-ids"
+# Trailing-metadata key of a FAILED_PRECONDITION caused by a shared-memory tensor the receiver cannot
+# read (region not visible, or shared memory not accepted); the value is the region name. It lets the
+# SDK tell this failure from other FAILED_PRECONDITIONs and fall back to sending bytes.
+SHARED_MEMORY_UNAVAILABLE_METADATA_KEY = "vlm-shared-memory-unavailable"
 
 
 class VlmError(Exception):
@@ -47,6 +51,15 @@ class NotFoundError(VlmError, LookupError):
         self.content_ids: tuple[str, ...] = tuple(content_ids)
 
 
+class StaleSharedMemoryError(NotFoundError):
+    """A shared-memory slice whose slot the writer has reused (or is rewriting): its bytes are gone.
+
+    Answered like an unknown content id (NOT_FOUND naming ``content_ids``) so that the SDK resends the
+    embedding as bytes. ``content_ids`` is empty where the content id is not known yet (the tensor
+    codec); the LLM service re-raises with the id.
+    """
+
+
 class ResourceExhaustedError(VlmError):
     """Queue full, KV-cache or memory budget exceeded, message too large."""
 
@@ -63,6 +76,17 @@ class FailedPreconditionError(VlmError):
     """The system is not in a state that allows the request (e.g. model does not support video)."""
 
     status: str = "FAILED_PRECONDITION"
+
+
+class SharedMemoryUnavailableError(FailedPreconditionError):
+    """A shared-memory tensor this process cannot read: shared memory is not accepted here, or the
+    region is not visible (another host or IPC namespace) or not readable. ``region`` names it; servers
+    send it in the ``SHARED_MEMORY_UNAVAILABLE_METADATA_KEY`` trailer. Also raised by a writer that
+    cannot create its region."""
+
+    def __init__(self, message: str, region: str = "") -> None:
+        super().__init__(message)
+        self.region = region
 
 
 class UnavailableError(VlmError):

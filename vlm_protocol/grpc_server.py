@@ -31,8 +31,10 @@ from grpc_reflection.v1alpha import reflection
 
 from vlm_protocol.errors import (
     MISSING_CONTENT_IDS_METADATA_KEY,
+    SHARED_MEMORY_UNAVAILABLE_METADATA_KEY,
     InvalidArgumentError,
     NotFoundError,
+    SharedMemoryUnavailableError,
     VlmError,
     format_missing_content_ids,
 )
@@ -304,6 +306,9 @@ async def abort_with_exception(context: grpc.aio.ServicerContext, exc: BaseExcep
     trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, NotFoundError) and exc.content_ids:
         trailing = ((MISSING_CONTENT_IDS_METADATA_KEY, format_missing_content_ids(exc.content_ids)),)
+    elif isinstance(exc, SharedMemoryUnavailableError):
+        # always present (possibly empty), so clients recognise the cause without parsing the message
+        trailing = ((SHARED_MEMORY_UNAVAILABLE_METADATA_KEY, exc.region),)
     await context.abort(code, message, trailing_metadata=trailing)
 
 

@@ -15,6 +15,12 @@ object that nothing else references; otherwise, e.g. with the pure-Python protob
 and for a device target the host -> device copy. Encoding makes one copy (the ``bytes`` the message
 needs), plus one for byte-swapping big-endian input.
 
+Shared memory: a ``Tensor`` may carry a ``shared_memory`` slice instead of ``data`` (same layout). The
+decoders read it only through a ``shared_memory`` reader the caller passes (the LLM service's
+``vlm_protocol.shared_memory.SharedMemoryReader``), which returns a private copy; without one they
+raise ``SharedMemoryUnavailableError`` (FAILED_PRECONDITION). ``data`` and ``shared_memory`` both set is
+INVALID_ARGUMENT.
+
 Neither torch nor the generated stubs are imported at module import: torch only inside the torch
 functions (the SDK runs without torch), ``common_pb2`` only when a new message is built.
 """
@@ -39,11 +45,13 @@ from vlm_protocol.dtypes import (
     torch_dtype_for_name,
     torch_to_numpy,
 )
-from vlm_protocol.errors import InvalidArgumentError
+from vlm_protocol.errors import InvalidArgumentError, SharedMemoryUnavailableError
 
 if TYPE_CHECKING:
     import torch
     from vlm.v1 import common_pb2
+
+    from vlm_protocol.shared_memory import SharedMemoryReader
 
 # DataType enum values, mirrored from common.proto (a unit test checks they match the generated
 # stubs) so that decoding and the name helpers work without importing the stubs.
@@ -161,6 +169,7 @@ def decode_numpy(
     expected_shape: Sequence[int] | None = None,
     writable: bool = False,
     field: str = "tensor",
+    shared_memory: SharedMemoryReader | None = None,
 ) -> np.ndarray:
     """Validate a ``Tensor`` and return its elements as a numpy array.
 
@@ -170,13 +179,15 @@ def decode_numpy(
       writable: copy into a fresh writable array. Otherwise the result is a read-only view of the
         message's ``data`` (no copy) and keeps those bytes alive.
       field: path of the message in the request, used in error messages.
+      shared_memory: reader for a tensor whose elements are in shared memory; None refuses them.
 
     Raises:
       TensorFormatError: unknown dtype, negative dimension, byte length not ``prod(shape) * itemsize``,
         bool bytes other than 0/1, or a mismatch with ``expected_dtype``/``expected_shape``.
+      SharedMemoryUnavailableError, StaleSharedMemoryError: see the module docstring.
     """
-    _, array = _decode(tensor, expected_dtype, expected_shape, field)
-    return array.copy() if writable else array
+    _, array = _decode(tensor, expected_dtype, expected_shape, field, shared_memory)
+    return array.copy() if writable and not array.flags.writeable else array
 
 
 def decode_torch(
@@ -186,16 +197,18 @@ def decode_torch(
     expected_shape: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     field: str = "tensor",
+    shared_memory: SharedMemoryReader | None = None,
 ) -> torch.Tensor:
     """Validate a ``Tensor`` and return it as a torch tensor that owns its memory (bit-exact).
 
     ``device``: place the result there. For a non-CPU device the only copy is host -> device.
-    Raises ``TensorFormatError`` like ``decode_numpy``.
+    ``shared_memory``: reader for elements in shared memory (one copy out of the region, which the
+    tensor then owns). Raises like ``decode_numpy``.
     """
     import torch
 
     target = torch.device(device) if device is not None else torch.device("cpu")
-    data, array = _decode(tensor, expected_dtype, expected_shape, field)
+    data, array = _decode(tensor, expected_dtype, expected_shape, field, shared_memory)
     if target.type != "cpu":
         with warnings.catch_warnings():
             # The read-only alias lives only until .to() has copied it to the device; nothing writes it.
@@ -218,8 +231,10 @@ def _decode(
     expected_dtype: DataTypeLike | None,
     expected_shape: Sequence[int] | None,
     field: str,
-) -> tuple[bytes, np.ndarray]:
-    """Validate a ``Tensor``; its ``data`` bytes and a read-only array viewing them."""
+    shared_memory: SharedMemoryReader | None = None,
+) -> tuple[bytes | bytearray, np.ndarray]:
+    """Validate a ``Tensor``; its element bytes and an array viewing them (read-only for ``data``;
+    writable for a private copy out of shared memory)."""
     _, name = _resolve_data_type(tensor.dtype, f"{field}.dtype")
     shape = tuple(int(dim) for dim in tensor.shape)
     for index, dim in enumerate(shape):
@@ -233,8 +248,12 @@ def _decode(
         _check_shape(shape, expected_shape, f"{field}.shape")
 
     dtype = NUMPY_DTYPES[name]
-    data = tensor.data  # read once: upb builds a new bytes object (a copy) per access
     expected_bytes = math.prod(shape) * dtype.itemsize
+    data: bytes | bytearray
+    if _has_shared_memory(tensor):
+        data = _read_shared_memory(tensor, expected_bytes, field, shared_memory)
+    else:
+        data = tensor.data  # read once: upb builds a new bytes object (a copy) per access
     if len(data) != expected_bytes:
         raise TensorFormatError(
             f"{field}.data",
@@ -250,6 +269,28 @@ def _decode(
             f"{field}.shape", f"shape {list(shape)} is not representable: {exc}"
         ) from None
     return data, array
+
+
+def _has_shared_memory(tensor: common_pb2.Tensor) -> bool:
+    has_field = getattr(tensor, "HasField", None)  # stand-ins of the message (tests) may lack it
+    return has_field is not None and has_field("shared_memory")
+
+
+def _read_shared_memory(
+    tensor: common_pb2.Tensor, expected_bytes: int, field: str, reader: SharedMemoryReader | None
+) -> bytearray:
+    slice_ = tensor.shared_memory
+    if tensor.data:
+        raise TensorFormatError(
+            field, "has both data and shared_memory set; send the elements in one of them"
+        )
+    if reader is None:
+        raise SharedMemoryUnavailableError(
+            f"{field} is in shared memory (region {slice_.region[:80]!r}) but this service does not accept "
+            "shared-memory tensors; send the elements as bytes",
+            slice_.region,
+        )
+    return reader.read(slice_, expected_length=expected_bytes, field=f"{field}.shared_memory")
 
 
 def _check_shape(shape: tuple[int, ...], expected: Sequence[int], field: str) -> None:

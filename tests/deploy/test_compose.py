@@ -225,6 +225,27 @@ def test_settings_come_from_the_environment(model_dir):
     assert encoder["image"].endswith(":v1")
 
 
+def _bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(size).lower()).groups()
+    return int(number) * 1024 ** " kmg".index(unit or " ")
+
+
+def test_shared_memory_transport_is_wired(model_dir):
+    for env, ring_mib, shm_size in (
+        ({}, 512, "1gb"),
+        ({"ENCODER_SHARED_MEMORY_MB": "1536", "ENCODER_SHM_SIZE": "2g"}, 1536, "2g"),
+    ):
+        services = load_compose({"MODEL_DIR": str(model_dir), **env})["services"]
+        encoder, llm = services["encoder"], services["llm"]
+        assert flag_value(encoder["command"], "--shared-memory-mb") == str(ring_mib)
+        assert encoder["ipc"] == "shareable" and llm["ipc"] == "service:encoder"
+        assert encoder["shm_size"] == shm_size
+        assert _bytes(encoder["shm_size"]) > ring_mib * 1024**2, "/dev/shm must hold the ring"
+        assert depends_condition(llm, "encoder") == "service_healthy"  # ipc: service:encoder needs it
+    services = load_compose({"MODEL_DIR": str(model_dir), "ENCODER_SHARED_MEMORY_MB": "0"})["services"]
+    assert flag_value(services["encoder"]["command"], "--shared-memory-mb") == "0"
+
+
 def test_published_ports_bind_to_loopback_by_default(compose):
     for name in GPU_SERVICES:
         for port in compose["services"][name]["ports"]:
@@ -275,6 +296,7 @@ def test_service_flags_are_accepted_by_the_services(model_dir, env):
     llm_config = llm_config_from_args(args)
     assert llm_config.device == "cuda" and llm_config.port == 50052
     assert llm_config.encoder_address == "encoder:50051"
+    assert encoder_config.shared_memory_bytes == 512 * 1024**2 and llm_config.accept_shared_memory
 
 
 def test_client_and_probe_flags_are_accepted(compose):

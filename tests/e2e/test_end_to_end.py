@@ -176,19 +176,27 @@ def test_identical_second_request_uses_every_cache(stack):
     prompt = CACHE_PROMPTS[stack.family]
     image = make_images(1000 + FAMILIES.index(stack.family), 1)
     first = stack.client.generate(prompt, images=image, max_tokens=4, temperature=0.0)
-    second = stack.client.generate(prompt, images=image, max_tokens=4, temperature=0.0)
+    # a client without the LLM-first shortcut asks the encoder first: its cache hits
+    encoder_address, llm_address = (service.address for service in stack.services)
+    with client_sdk.Client(encoder_address, llm_address, timeout_s=120, held_ids_capacity=0) as via_encoder:
+        second = via_encoder.generate(prompt, images=image, max_tokens=4, temperature=0.0)
+    # the first client remembers that the LLM service accepted the id: it skips the encoder
+    third = stack.client.generate(prompt, images=image, max_tokens=4, temperature=0.0)
     assert (first.encoder_cache_hits, first.tensors_uploaded) == (
         0,
         1,
     )  # a new picture: encoded, uploaded once
-    assert second.encoder_cache_hits == 1
+    assert not first.encoder_skipped
+    assert second.encoder_cache_hits == 1 and not second.encoder_skipped
     assert second.tensors_uploaded == 0
     assert second.usage.cached_prompt_tokens > 0
-    assert second.token_ids == first.token_ids
+    assert third.encoder_skipped and third.encoder_cache_hits == 0 and third.tensors_uploaded == 0
+    assert third.usage.cached_prompt_tokens > 0
+    assert second.token_ids == first.token_ids == third.token_ids
     # the id the SDK computed locally is the one the encoder served (so the look-up could hit)
     info = stack.client.encoder_info()
     local_id = prepare_image(image[0]).content_id(preprocessing_identity(info))
-    assert second.content_ids == (local_id,)
+    assert second.content_ids == third.content_ids == (local_id,)
 
 
 def test_text_only_needs_no_encoder(stack):
@@ -284,5 +292,9 @@ def test_demo_smoke(tmp_path):
     out = run.stdout
     assert "random weights" in out
     assert out.count("A: ") == 2 and "time to first token:" in out
-    assert "encoder cache hit: yes" in out and "embeddings uploaded: 1 then 0" in out
+    # request 2 skips the encoder (LLM-first shortcut: the LLM service accepted the picture's id), so the
+    # demo's "encoder cache hit" reads "no"; the summary of request 2 (only) says why
+    assert out.count("encoder skipped: the LLM service held every content id") == 1
+    assert "encoder: skipped (the LLM service still held the embedding)" in out
+    assert "embeddings uploaded: 1 then 0" in out
     assert "encoder exited with code 0" in out and "llm exited with code 0" in out

@@ -40,6 +40,9 @@ from client_sdk.errors import (
     UnavailableError,
     VlmClientError,
 )
+from client_sdk.held_ids import HeldIds
+from client_sdk.media import prepare_image
+from client_sdk.media_plan import MediaPlan
 from vlm_protocol import errors as protocol_errors
 from vlm_protocol.grpc_server import handle_rpc_errors
 from vlm_protocol.media_ids import (
@@ -75,6 +78,7 @@ class FakeEncoder(encoder_service_pb2_grpc.EncoderServiceServicer):
         self.calls: list[tuple[str, object]] = []
         self.urls: dict[str, bytes] = {}
         self.drop_on_fetch = False  # LookupEmbeddings(return_embeddings) returns nothing ("evicted")
+        self.identity = IDENTITY  # what it computes ids with (a restart with another model changes it)
 
     def methods(self) -> list[str]:
         return [name for name, _ in self.calls]
@@ -83,21 +87,21 @@ class FakeEncoder(encoder_service_pb2_grpc.EncoderServiceServicer):
         if item.HasField("image"):
             source = item.image.WhichOneof("source")
             if source == "data":
-                return encoded_media_id(IMAGE_BYTES, item.image.data, IDENTITY)
+                return encoded_media_id(IMAGE_BYTES, item.image.data, self.identity)
             if source == "url":
                 if item.image.url not in self.urls:
                     raise protocol_errors.PermissionDeniedError(f"fetching {item.image.url} is refused")
-                return encoded_media_id(IMAGE_BYTES, self.urls[item.image.url], IDENTITY)
-            return array_media_id(IMAGE_PIXELS, decode_numpy(item.image.pixels_hwc_uint8), IDENTITY)
+                return encoded_media_id(IMAGE_BYTES, self.urls[item.image.url], self.identity)
+            return array_media_id(IMAGE_PIXELS, decode_numpy(item.image.pixels_hwc_uint8), self.identity)
         video = item.video
         if video.WhichOneof("source") == "frames":
             frames = decode_numpy(video.frames)
             return array_media_id(
-                VIDEO_FRAMES, frames, IDENTITY, num_frames=video.num_frames or frames.shape[0]
+                VIDEO_FRAMES, frames, self.identity, num_frames=video.num_frames or frames.shape[0]
             )
         data = self.urls[video.url] if video.WhichOneof("source") == "url" else video.data
         return encoded_media_id(
-            VIDEO_BYTES, data, IDENTITY, num_frames=video.num_frames or DEFAULT_NUM_FRAMES
+            VIDEO_BYTES, data, self.identity, num_frames=video.num_frames or DEFAULT_NUM_FRAMES
         )
 
     @handle_rpc_errors
@@ -141,8 +145,8 @@ class FakeEncoder(encoder_service_pb2_grpc.EncoderServiceServicer):
         self.calls.append(("GetModelInfo", request))
         return encoder_service_pb2.EncoderServiceGetModelInfoResponse(
             model_family=common_pb2.MODEL_FAMILY_LLAVA,
-            model_fingerprint=IDENTITY.model_fingerprint,
-            processor_config_hash=IDENTITY.processor_config_hash,
+            model_fingerprint=self.identity.model_fingerprint,
+            processor_config_hash=self.identity.processor_config_hash,
             default_num_frames=DEFAULT_NUM_FRAMES,
             llm_hidden_size=HIDDEN,
         )
@@ -159,6 +163,7 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
         self.delay_s = 0.0
         self.token_delay_s = 0.0
         self.fail_with: protocol_errors.VlmError | None = None
+        self.fail_mid_stream: protocol_errors.VlmError | None = None  # raised after the first message
         self.stream_cancelled = threading.Event()
 
     def methods(self) -> list[str]:
@@ -239,6 +244,8 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
                     message.usage.CopyFrom(self._usage(request, num_media, len(tokens)))
                     message.timings.time_to_first_token_ms = 1.5
                 yield message
+                if self.fail_mid_stream is not None:
+                    raise self.fail_mid_stream
         except asyncio.CancelledError:
             self.stream_cancelled.set()
             raise
@@ -312,6 +319,13 @@ def client(servers: Servers) -> Iterator[client_sdk.Client]:
         yield c
 
 
+@pytest.fixture
+def encoder_first_client(servers: Servers) -> Iterator[client_sdk.Client]:
+    """No LLM-first shortcut: every call with media asks the encoder first, as the ids-first flow does."""
+    with servers.client(timeout_s=10, held_ids_capacity=0) as c:
+        yield c
+
+
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 
 
@@ -371,20 +385,20 @@ def test_url_the_encoder_reports_cached_goes_ids_first(servers, client):
     assert result.tensors_uploaded == 0 and result.encoder_cache_hits == 1
 
 
-def test_identical_second_request_sends_no_tensor_and_hits_the_encoder_cache(servers, client):
-    image = _png(2)
+def test_identical_second_request_sends_no_tensor_and_hits_the_encoder_cache(servers, encoder_first_client):
+    client, image = encoder_first_client, _png(2)
     client.generate(PROMPT, images=[image], max_tokens=2)
     servers.encoder.calls.clear()
     servers.llm.calls.clear()
     result = client.generate(PROMPT, images=[image], max_tokens=2)
     assert servers.encoder.methods() == ["LookupEmbeddings"]  # model info cached, no Encode
     assert servers.llm.methods() == ["Generate"]
-    assert result.encoder_cache_hits == 1 and result.tensors_uploaded == 0
+    assert result.encoder_cache_hits == 1 and result.tensors_uploaded == 0 and not result.encoder_skipped
     assert result.usage.cached_prompt_tokens > 0
 
 
-def test_llm_that_lost_the_embedding_gets_it_from_the_encoder_cache(servers, client):
-    image = _png(3)
+def test_llm_that_lost_the_embedding_gets_it_from_the_encoder_cache(servers, encoder_first_client):
+    client, image = encoder_first_client, _png(3)
     client.generate(PROMPT, images=[image], max_tokens=2)
     servers.llm.held.clear()  # e.g. the LLM service restarted
     servers.encoder.calls.clear()
@@ -397,8 +411,8 @@ def test_llm_that_lost_the_embedding_gets_it_from_the_encoder_cache(servers, cli
     assert result.tensors_uploaded == 1 and result.encoder_cache_hits == 1
 
 
-def test_embedding_evicted_from_both_is_encoded_again(servers, client):
-    image = _png(4)
+def test_embedding_evicted_from_both_is_encoded_again(servers, encoder_first_client):
+    client, image = encoder_first_client, _png(4)
     client.generate(PROMPT, images=[image], max_tokens=2)
     servers.llm.held.clear()
     servers.encoder.drop_on_fetch = True
@@ -438,8 +452,8 @@ def test_only_the_missing_ids_are_resent_with_the_fresh_ones(servers, client):
     assert len(encode.items) == 1  # the duplicate image is encoded once
 
 
-def test_every_image_form_gets_the_servers_content_id(servers, client, tmp_path):
-    png = _png(8)
+def test_every_image_form_gets_the_servers_content_id(servers, encoder_first_client, tmp_path):
+    client, png = encoder_first_client, _png(8)  # the second call asks the encoder
     path = tmp_path / "x.png"
     path.write_bytes(png)
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
@@ -488,6 +502,303 @@ def test_one_call_mode_sends_raw_media_to_the_llm(servers):
         c.generate(PROMPT, images=[_png(10)])
     assert servers.encoder.calls == []
     assert servers.llm.calls[0][1].multimodal_inputs[0].media.image.data == _png(10)
+
+
+# --- LLM-first shortcut -----------------------------------------------------------------------------
+
+
+def _plan(*images: bytes | str) -> MediaPlan:
+    return MediaPlan([prepare_image(image) for image in images], IDENTITY)
+
+
+def _id(png: bytes) -> str:
+    return encoded_media_id(IMAGE_BYTES, png, IDENTITY)
+
+
+def test_repeat_call_skips_the_encoder(servers, client):
+    a, b = _png(30), _png(31)
+    two = "USER: <image> <image>\nCompare. ASSISTANT:"
+    first = client.generate("USER: <image> <image> <image>\nCompare. ASSISTANT:", images=[a, b, a])
+    assert not first.encoder_skipped and first.tensors_uploaded == 2
+    servers.encoder.calls.clear()
+    servers.llm.calls.clear()
+    # any combination of media the LLM service accepted: no encoder RPC at all, ids only
+    result = client.generate(two, images=[b, a], max_tokens=2)
+    assert servers.encoder.calls == []
+    [(method, request)] = servers.llm.calls
+    assert method == "Generate"
+    assert [i.content_id for i in request.multimodal_inputs] == [_id(b), _id(a)]
+    assert result.encoder_skipped and result.encoder_cache_hits == 0 and result.tensors_uploaded == 0
+    assert result.content_ids == (_id(b), _id(a))
+    assert result.usage.cached_prompt_tokens == 0  # (new prompt) but the next repeat hits the KV prefix
+    again = client.generate(two, images=[b, a], max_tokens=2)
+    assert again.encoder_skipped and again.usage.cached_prompt_tokens > 0
+    assert again.token_ids == result.token_ids
+    assert servers.encoder.calls == []
+    # an item the LLM service never accepted sends the whole call through the encoder
+    client.generate(two, images=[a, _png(32)], max_tokens=1)
+    assert servers.encoder.methods() == ["LookupEmbeddings", "Encode"]
+
+
+def test_shortcut_not_found_falls_back_to_the_encoder_and_uploads(servers, client):
+    image = _png(33)
+    client.generate(PROMPT, images=[image], max_tokens=1)
+    servers.llm.held.clear()  # the LLM service evicted it (or another replica answers)
+    servers.encoder.calls.clear()
+    servers.llm.calls.clear()
+    result = client.generate(PROMPT, images=[image], max_tokens=2)
+    first, resend = (request for _, request in servers.llm.calls)
+    assert [i.WhichOneof("source") for i in first.multimodal_inputs] == ["content_id"]
+    assert [i.WhichOneof("source") for i in resend.multimodal_inputs] == ["embedding"]
+    assert resend.multimodal_inputs[0].embedding == servers.encoder.cache[_id(image)]
+    assert first.request_id == resend.request_id
+    # one encoder round trip: the look-up that also fetches what it holds
+    [(method, fetch)] = servers.encoder.calls
+    assert method == "LookupEmbeddings" and fetch.return_embeddings
+    assert list(fetch.content_ids) == [_id(image)]
+    assert not result.encoder_skipped and result.tensors_uploaded == 1 and result.encoder_cache_hits == 1
+    # the resend was accepted: the id is remembered again
+    servers.encoder.calls.clear()
+    assert client.generate(PROMPT, images=[image], max_tokens=1).encoder_skipped
+    assert servers.encoder.calls == []
+
+
+def test_shortcut_fallback_fetches_only_what_the_llm_lacks(servers, client):
+    kept, lost = _png(34), _png(35)
+    prompt = "USER: <image> <image>\nCompare. ASSISTANT:"
+    client.generate(prompt, images=[kept, lost], max_tokens=1)
+    del servers.llm.held[_id(lost)]
+    servers.encoder.calls.clear()
+    servers.llm.calls.clear()
+    result = client.generate(prompt, images=[kept, lost], max_tokens=1)
+    [(_, fetch)] = servers.encoder.calls
+    assert list(fetch.content_ids) == [_id(lost)]  # the trailer named it alone
+    resend = servers.llm.calls[1][1]
+    assert [i.WhichOneof("source") for i in resend.multimodal_inputs] == ["content_id", "embedding"]
+    assert result.tensors_uploaded == 1 and result.encoder_cache_hits == 1  # the encoder was asked once
+
+
+def test_shortcut_fallback_encodes_what_the_encoder_evicted_too(servers, client):
+    image = _png(36)
+    client.generate(PROMPT, images=[image], max_tokens=1)
+    servers.llm.held.clear()
+    servers.encoder.cache.clear()
+    servers.encoder.calls.clear()
+    servers.llm.calls.clear()
+    result = client.generate(PROMPT, images=[image], max_tokens=1)
+    assert servers.encoder.methods() == ["LookupEmbeddings", "Encode"]
+    assert servers.llm.calls[1][1].multimodal_inputs[0].WhichOneof("source") == "embedding"
+    assert result.tensors_uploaded == 1 and result.encoder_cache_hits == 0 and not result.encoder_skipped
+
+
+def test_shortcut_not_found_twice_raises_and_forgets_the_ids(servers, client):
+    image = _png(37)
+    client.generate(PROMPT, images=[image], max_tokens=1)
+    servers.llm.always_missing = True
+    servers.encoder.calls.clear()
+    servers.llm.calls.clear()
+    with pytest.raises(NotFoundError) as info:
+        client.generate(PROMPT, images=[image], max_tokens=1)
+    assert info.value.content_ids == (_id(image),)
+    assert servers.llm.methods() == ["Generate", "Generate"]  # exactly one resend
+    assert servers.encoder.methods() == ["LookupEmbeddings"]
+    servers.llm.always_missing = False
+    servers.encoder.calls.clear()
+    client.generate(PROMPT, images=[image], max_tokens=1)  # forgotten: the encoder is asked first again
+    assert servers.encoder.methods() == ["LookupEmbeddings"]
+    assert not servers.encoder.calls[0][1].return_embeddings
+
+
+def test_urls_never_take_the_shortcut(servers, client):
+    url, body = "https://example.com/shortcut.png", _png(38)
+    servers.encoder.urls[url] = body
+    client.generate(PROMPT, images=[url], max_tokens=1)
+    servers.encoder.calls.clear()
+    result = client.generate(PROMPT, images=[url], max_tokens=1)
+    assert servers.encoder.methods() == ["Encode"]  # only the encoder can learn a URL's id
+    assert not result.encoder_skipped and result.encoder_cache_hits == 1
+    servers.encoder.calls.clear()
+    both = client.generate("USER: <image> <image>\nCompare. ASSISTANT:", images=[body, url], max_tokens=1)
+    assert servers.encoder.methods() == ["LookupEmbeddings", "Encode"]  # one URL: the encoder for all
+    assert not both.encoder_skipped
+    # the id the encoder served for the URL was recorded: the same bytes sent directly skip it
+    servers.encoder.calls.clear()
+    assert client.generate(PROMPT, images=[body], max_tokens=1).encoder_skipped
+    assert servers.encoder.calls == []
+
+
+def test_held_ids_capacity_bounds_the_lru_least_recently_accepted_first(servers):
+    a, b, c = _png(39), _png(40), _png(41)
+    with servers.client(timeout_s=10, held_ids_capacity=2) as client:
+        for image in (a, b, a, c):  # a accepted again after b: b is the least recent when c comes
+            client.generate(PROMPT, images=[image], max_tokens=1)
+        assert client._held_ids.ids() == [_id(a), _id(c)]
+        servers.encoder.calls.clear()
+        assert client.generate(PROMPT, images=[a], max_tokens=1).encoder_skipped
+        assert client.generate(PROMPT, images=[c], max_tokens=1).encoder_skipped
+        assert servers.encoder.calls == []
+        assert not client.generate(PROMPT, images=[b], max_tokens=1).encoder_skipped  # evicted
+        assert servers.encoder.methods() == ["LookupEmbeddings"]
+        assert client._held_ids.ids() == [_id(c), _id(b)]
+
+
+def test_held_ids_lru_bookkeeping():
+    a, b, c = _png(42), _png(43), _png(44)
+    held = HeldIds(2)
+    held.accepted(_plan(a, b, a))
+    assert held.ids() == [_id(a), _id(b)]
+    held.accepted(_plan(a))  # touched: now the most recent
+    held.accepted(_plan(c))
+    assert held.ids() == [_id(a), _id(c)] and len(held) == 2 and _id(b) not in held
+    held.accepted(_plan(a, b, c))  # more than fit: the call's last ones stay
+    assert held.ids() == [_id(b), _id(c)]
+    plan = _plan(c, b, c)
+    assert held.take_shortcut(plan) and plan.encoder_skipped
+    assert [str(s) for s in plan.llm_inputs()] == [_id(c), _id(b), _id(c)] and plan.tensors_uploaded == 0
+    assert plan.result_extras()["encoder_skipped"] is True
+    partial = _plan(a, b)
+    assert not held.take_shortcut(partial) and not partial.encoder_skipped
+    assert not held.take_shortcut(_plan(b, "https://example.com/x.png"))  # a URL has no local id
+    assert not held.take_shortcut(MediaPlan([prepare_image(b)], None))  # one-call mode
+    assert not held.take_shortcut(_plan())  # text only
+    held.not_found(_plan(b, c), [_id(b)])  # the trailer names b: only b is forgotten
+    assert held.ids() == [_id(c)]
+    held.accepted(_plan(b))
+    held.not_found(_plan(b, c), [])  # names none: all of the call's
+    assert held.ids() == []
+    held.accepted(_plan(a, b))
+    held.not_found(_plan(a), ["b3:" + "0" * 64])  # names only foreign ids: the call's go too
+    assert held.ids() == [_id(b)]
+    held.clear()
+    assert len(held) == 0
+
+
+def test_held_ids_capacity_zero_disables_the_shortcut(servers):
+    held = HeldIds(0)
+    held.accepted(_plan(_png(45)))
+    assert len(held) == 0 and not held.take_shortcut(_plan(_png(45)))
+    image = _png(46)
+    with servers.client(timeout_s=10, held_ids_capacity=0) as client:
+        client.generate(PROMPT, images=[image], max_tokens=1)
+        servers.encoder.calls.clear()
+        result = client.generate(PROMPT, images=[image], max_tokens=1)
+        assert servers.encoder.methods() == ["LookupEmbeddings"] and not result.encoder_skipped
+        assert len(client._held_ids) == 0
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(InvalidArgumentError, match="held_ids_capacity"):
+            client_sdk.Client("127.0.0.1:1", "127.0.0.1:1", held_ids_capacity=bad)
+        with pytest.raises(InvalidArgumentError, match="held_ids_capacity"):
+            HeldIds(bad)
+
+
+def test_shortcut_stream_falls_back_before_any_message(servers, client):
+    image = _png(47)
+    client.generate(PROMPT, images=[image], max_tokens=1)
+    deltas = list(client.generate(PROMPT, images=[image], max_tokens=2, stream=True))
+    assert deltas[-1].encoder_skipped and deltas[-1].tensors_uploaded == 0
+    servers.llm.held.clear()
+    servers.encoder.calls.clear()
+    servers.llm.calls.clear()
+    deltas = list(client.generate(PROMPT, images=[image], max_tokens=2, stream=True))
+    assert servers.llm.methods() == ["GenerateStream", "GenerateStream"]
+    assert servers.encoder.methods() == ["LookupEmbeddings"] and servers.encoder.calls[0][1].return_embeddings
+    first, resend = (request for _, request in servers.llm.calls)
+    assert first.multimodal_inputs[0].WhichOneof("source") == "content_id"
+    assert resend.multimodal_inputs[0].WhichOneof("source") == "embedding"
+    last = deltas[-1]
+    assert not last.encoder_skipped and last.tensors_uploaded == 1 and last.encoder_cache_hits == 1
+    assert client_sdk.join_deltas(deltas).token_ids == deltas[0].token_ids + deltas[1].token_ids
+
+
+def test_stream_error_after_a_message_is_not_resent(servers, client):
+    image = _png(48)
+    client.generate(PROMPT, images=[image], max_tokens=1)
+    servers.llm.fail_mid_stream = protocol_errors.NotFoundError("gone", [_id(image)])
+    servers.encoder.calls.clear()
+    servers.llm.calls.clear()
+    stream = client.generate(PROMPT, images=[image], max_tokens=3, stream=True)
+    assert next(stream).token_ids  # the LLM service resolved the id and started generating
+    with pytest.raises(NotFoundError):
+        next(stream)
+    assert servers.llm.methods() == ["GenerateStream"] and servers.encoder.calls == []
+
+
+def test_ids_the_encoder_disagrees_with_clear_the_shortcut(servers, client):
+    old, new = _png(49), _png(50)
+    client.generate(PROMPT, images=[old], max_tokens=1)
+    assert _id(old) in client._held_ids
+    # the encoder restarts with another model: it computes other ids than the client's cached identity
+    servers.encoder.identity = PreprocessingIdentity("llava", "b3:" + "e" * 64, "b3:" + "p" * 64)
+    servers.encoder.calls.clear()
+    result = client.generate(PROMPT, images=[new], max_tokens=1)
+    assert result.content_ids == (encoded_media_id(IMAGE_BYTES, new, servers.encoder.identity),)
+    assert client._held_ids.ids() == list(result.content_ids)  # cleared, then the accepted id
+    servers.encoder.calls.clear()
+    client.generate(PROMPT, images=[old], max_tokens=1)  # no shortcut: the identity is fetched again
+    assert servers.encoder.methods() == ["GetModelInfo", "LookupEmbeddings", "Encode"]
+
+
+def test_sync_client_shares_the_shortcut_between_threads(servers):
+    images = [_png(60 + i) for i in range(4)]
+    errors: list[BaseException] = []
+    with servers.client(timeout_s=10, held_ids_capacity=2) as client:
+
+        def worker(offset: int) -> None:
+            try:
+                for i in range(12):
+                    client.generate(PROMPT, images=[images[(offset + i) % 4]], max_tokens=1)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors, errors
+        assert len(client._held_ids) == 2 and set(client._held_ids.ids()) <= {_id(i) for i in images}
+
+
+def test_async_client_llm_first_shortcut(servers):
+    image, other = _png(51), _png(52)
+
+    async def main() -> dict:
+        seen: dict = {}
+        async with client_sdk.AsyncClient(servers.encoder_address, servers.llm_address, timeout_s=10) as c:
+            await c.generate(PROMPT, images=[image], max_tokens=1)
+            servers.encoder.calls.clear()
+            seen["skipped"] = await c.generate(PROMPT, images=[image], max_tokens=1)
+            stream = c.generate(PROMPT, images=[image], max_tokens=2, stream=True)
+            seen["streamed"] = [d async for d in stream]
+            seen["skipped_rpcs"] = servers.encoder.methods()
+            servers.llm.held.clear()
+            servers.llm.calls.clear()
+            seen["fallback"] = await c.generate(PROMPT, images=[image], max_tokens=1)
+            seen["unary_rpcs"] = servers.llm.methods()
+            servers.llm.held.clear()
+            servers.llm.calls.clear()
+            stream = c.generate(PROMPT, images=[image], max_tokens=2, stream=True)
+            seen["stream_fallback"] = [d async for d in stream]
+            seen["stream_rpcs"] = servers.llm.methods()
+            await c.generate(PROMPT, images=[image, other], max_tokens=1)  # other is new: the encoder
+            seen["held"] = c._held_ids.ids()
+        async with client_sdk.AsyncClient(
+            servers.encoder_address, servers.llm_address, timeout_s=10, held_ids_capacity=0
+        ) as c:
+            seen["disabled"] = await c.generate(PROMPT, images=[image], max_tokens=1)
+        return seen
+
+    seen = asyncio.run(main())
+    skipped = seen["skipped"]
+    assert seen["skipped_rpcs"] == []
+    assert skipped.encoder_skipped and skipped.encoder_cache_hits == 0 and skipped.tensors_uploaded == 0
+    assert seen["streamed"][-1].encoder_skipped
+    assert seen["unary_rpcs"] == ["Generate", "Generate"]
+    assert seen["stream_rpcs"] == ["GenerateStream", "GenerateStream"]
+    for result in (seen["fallback"], seen["stream_fallback"][-1]):
+        assert not result.encoder_skipped and result.tensors_uploaded == 1 and result.encoder_cache_hits == 1
+    assert seen["held"] == [_id(image), _id(other)]
+    assert not seen["disabled"].encoder_skipped and seen["disabled"].encoder_cache_hits == 1
 
 
 # --- sampling keywords ------------------------------------------------------------------------------
@@ -636,7 +947,10 @@ def test_stream_deltas_join_to_the_unary_result(servers, client):
     assert [d.finish_reason for d in deltas] == [None, None, None, "length"]
     last = deltas[-1]
     assert last.usage is not None and last.timings is not None and deltas[0].usage is None
-    assert last.encoder_cache_hits == 1 and last.tensors_uploaded == 0
+    # the LLM accepted the id in the unary call: the stream skips the encoder (LLM-first shortcut)
+    assert last.encoder_skipped and last.encoder_cache_hits == 0 and last.tensors_uploaded == 0
+    assert not any(d.encoder_skipped for d in deltas[:-1])  # counters come with the last delta only
+    assert servers.encoder.methods() == ["GetModelInfo", "LookupEmbeddings", "Encode"]  # unary call only
     joined = client_sdk.join_deltas(deltas)
     assert (joined.text, joined.token_ids, joined.finish_reason) == (
         unary.text,
@@ -653,11 +967,14 @@ def test_stream_sends_a_fresh_tensor_at_once(servers, client):
     assert servers.llm.calls[0][1].multimodal_inputs[0].WhichOneof("source") == "embedding"
 
 
-def test_stream_resends_the_tensor_on_not_found(servers, client):
+def test_stream_resends_the_tensor_on_not_found(servers, encoder_first_client):
+    client = encoder_first_client  # look-up first (the shortcut's fallback: test_shortcut_stream_...)
     client.generate(PROMPT, images=[_png(13)], max_tokens=1)
     servers.llm.held.clear()
     servers.llm.calls.clear()
+    servers.encoder.calls.clear()
     deltas = list(client.generate(PROMPT, images=[_png(13)], max_tokens=2, stream=True))
+    assert servers.encoder.methods() == ["LookupEmbeddings", "LookupEmbeddings"]  # look-up, fetch
     assert servers.llm.methods() == ["GenerateStream", "GenerateStream"]
     assert deltas[-1].tensors_uploaded == 1
     assert servers.llm.calls[0][1].multimodal_inputs[0].WhichOneof("source") == "content_id"
@@ -689,7 +1006,10 @@ def test_async_client_same_flow(servers):
     assert first.tensors_uploaded == 1 and first.encoder_cache_hits == 0
     joined = client_sdk.join_deltas(deltas)
     assert joined.token_ids == first.token_ids and joined.text == first.text
-    assert joined.tensors_uploaded == 0 and joined.encoder_cache_hits == 1
+    # the LLM accepted the id in the first call: the stream skips the encoder (LLM-first shortcut)
+    assert joined.tensors_uploaded == 0 and joined.encoder_cache_hits == 0 and joined.encoder_skipped
+    assert not first.encoder_skipped
+    assert servers.encoder.methods() == ["GetModelInfo", "LookupEmbeddings", "Encode"]  # first call only
     assert servers.llm.methods() == ["Generate", "GenerateStream", "GenerateStream"]
     assert [i.WhichOneof("source") for i in servers.llm.calls[0][1].multimodal_inputs] == ["embedding"]
     assert len(awaited) == 2
@@ -699,7 +1019,9 @@ def test_async_client_resends_on_not_found(servers):
     image = _png(25)
 
     async def main():
-        async with client_sdk.AsyncClient(servers.encoder_address, servers.llm_address, timeout_s=10) as c:
+        async with client_sdk.AsyncClient(
+            servers.encoder_address, servers.llm_address, timeout_s=10, held_ids_capacity=0
+        ) as c:  # look-up first (the shortcut's fallback: test_async_client_llm_first_shortcut)
             await c.generate(PROMPT, images=[image], max_tokens=1)
             servers.llm.held.clear()
             servers.llm.calls.clear()

@@ -100,9 +100,28 @@ def test_tensor_definition_is_exact() -> None:
         "DATA_TYPE_FLOAT64": 10,
     }
     fields = common_pb2.Tensor.DESCRIPTOR.fields
-    assert [(f.name, f.number) for f in fields] == [("dtype", 1), ("shape", 2), ("data", 3)]
+    assert [(f.name, f.number) for f in fields] == [
+        ("dtype", 1),
+        ("shape", 2),
+        ("data", 3),
+        ("shared_memory", 4),
+    ]
     assert fields[1].type == fields[1].TYPE_INT64 and fields[1].is_repeated
     assert fields[2].type == fields[2].TYPE_BYTES
+    assert fields[3].message_type is common_pb2.SharedMemorySlice.DESCRIPTOR
+    # vlm_protocol.shared_memory builds slices from these names
+    slice_fields = common_pb2.SharedMemorySlice.DESCRIPTOR.fields
+    assert [(f.name, f.number, f.type) for f in slice_fields] == [
+        ("region", 1, slice_fields[0].TYPE_STRING),
+        ("offset", 2, slice_fields[0].TYPE_UINT64),
+        ("length", 3, slice_fields[0].TYPE_UINT64),
+        ("generation", 4, slice_fields[0].TYPE_UINT64),
+    ]
+    assert dict(common_pb2.EmbeddingTransport.items()) == {
+        "EMBEDDING_TRANSPORT_UNSPECIFIED": 0,
+        "EMBEDDING_TRANSPORT_BYTES": 1,
+        "EMBEDDING_TRANSPORT_SHARED_MEMORY": 2,
+    }
 
 
 def test_enums_start_with_unspecified() -> None:

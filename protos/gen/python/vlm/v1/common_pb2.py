@@ -24,29 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vlm/v1/common.proto\x12\x06vlm.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.vlm.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x84\x01\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12*\n\x10pixels_hwc_uint8\x18\x03 \x01(\x0b\x32\x0e.vlm.v1.TensorH\x00\x12&\n\x0cpixel_values\x18\x04 \x01(\x0b\x32\x0e.vlm.v1.TensorH\x00\x42\x08\n\x06source\"f\n\x05Video\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12 \n\x06\x66rames\x18\x03 \x01(\x0b\x32\x0e.vlm.v1.TensorH\x00\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\x42\x08\n\x06source\"h\n\tMediaItem\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\r.vlm.v1.ImageH\x00\x12\x1e\n\x05video\x18\x02 \x01(\x0b\x32\r.vlm.v1.VideoH\x00\x12\x12\n\ncontent_id\x18\x03 \x01(\tB\x07\n\x05media\"\xdd\x03\n\tEmbedding\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.vlm.v1.EmbeddingKind\x12 \n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x0e.vlm.v1.Tensor\x12%\n\nmedia_type\x18\x04 \x01(\x0e\x32\x11.vlm.v1.MediaType\x12)\n\x0cmodel_family\x18\x05 \x01(\x0e\x32\x13.vlm.v1.ModelFamily\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x1d\n\x15processor_config_hash\x18\x07 \x01(\t\x12\x10\n\x08num_rows\x18\x08 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\t \x01(\x05\x12\x15\n\rsource_height\x18\n \x01(\x05\x12\x14\n\x0csource_width\x18\x0b \x01(\x05\x12\x12\n\nnum_frames\x18\x0c \x01(\x05\x12\x13\n\x0bnum_patches\x18\r \x01(\x05\x12(\n\x10\x61spect_ratio_ids\x18\x0e \x01(\x0b\x32\x0e.vlm.v1.Tensor\x12)\n\x11\x61spect_ratio_mask\x18\x0f \x01(\x0b\x32\x0e.vlm.v1.Tensor\x12\x11\n\tnum_tiles\x18\x10 \x03(\x05*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x07\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x08\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\t\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\n*\xad\x01\n\x0bModelFamily\x12\x1c\n\x18MODEL_FAMILY_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_FAMILY_BLIP2\x10\x01\x12\x16\n\x12MODEL_FAMILY_LLAVA\x10\x02\x12\x15\n\x11MODEL_FAMILY_VILA\x10\x03\x12 \n\x1cMODEL_FAMILY_LLAVA_ONEVISION\x10\x04\x12\x17\n\x13MODEL_FAMILY_MLLAMA\x10\x05*S\n\tMediaType\x12\x1a\n\x16MEDIA_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_TYPE_IMAGE\x10\x01\x12\x14\n\x10MEDIA_TYPE_VIDEO\x10\x02*t\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45MBEDDING_KIND_PROMPT_TABLE\x10\x01\x12\"\n\x1e\x45MBEDDING_KIND_CROSS_ATTENTION\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vlm/v1/common.proto\x12\x06vlm.v1\"x\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.vlm.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x30\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.vlm.v1.SharedMemorySlice\"W\n\x11SharedMemorySlice\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"\x84\x01\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12*\n\x10pixels_hwc_uint8\x18\x03 \x01(\x0b\x32\x0e.vlm.v1.TensorH\x00\x12&\n\x0cpixel_values\x18\x04 \x01(\x0b\x32\x0e.vlm.v1.TensorH\x00\x42\x08\n\x06source\"f\n\x05Video\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12 \n\x06\x66rames\x18\x03 \x01(\x0b\x32\x0e.vlm.v1.TensorH\x00\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\x42\x08\n\x06source\"h\n\tMediaItem\x12\x1e\n\x05image\x18\x01 \x01(\x0b\x32\r.vlm.v1.ImageH\x00\x12\x1e\n\x05video\x18\x02 \x01(\x0b\x32\r.vlm.v1.VideoH\x00\x12\x12\n\ncontent_id\x18\x03 \x01(\tB\x07\n\x05media\"\xdd\x03\n\tEmbedding\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.vlm.v1.EmbeddingKind\x12 \n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x0e.vlm.v1.Tensor\x12%\n\nmedia_type\x18\x04 \x01(\x0e\x32\x11.vlm.v1.MediaType\x12)\n\x0cmodel_family\x18\x05 \x01(\x0e\x32\x13.vlm.v1.ModelFamily\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x1d\n\x15processor_config_hash\x18\x07 \x01(\t\x12\x10\n\x08num_rows\x18\x08 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\t \x01(\x05\x12\x15\n\rsource_height\x18\n \x01(\x05\x12\x14\n\x0csource_width\x18\x0b \x01(\x05\x12\x12\n\nnum_frames\x18\x0c \x01(\x05\x12\x13\n\x0bnum_patches\x18\r \x01(\x05\x12(\n\x10\x61spect_ratio_ids\x18\x0e \x01(\x0b\x32\x0e.vlm.v1.Tensor\x12)\n\x11\x61spect_ratio_mask\x18\x0f \x01(\x0b\x32\x0e.vlm.v1.Tensor\x12\x11\n\tnum_tiles\x18\x10 \x03(\x05*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x07\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x08\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\t\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\n*\x7f\n\x12\x45mbeddingTransport\x12#\n\x1f\x45MBEDDING_TRANSPORT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45MBEDDING_TRANSPORT_BYTES\x10\x01\x12%\n!EMBEDDING_TRANSPORT_SHARED_MEMORY\x10\x02*\xad\x01\n\x0bModelFamily\x12\x1c\n\x18MODEL_FAMILY_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_FAMILY_BLIP2\x10\x01\x12\x16\n\x12MODEL_FAMILY_LLAVA\x10\x02\x12\x15\n\x11MODEL_FAMILY_VILA\x10\x03\x12 \n\x1cMODEL_FAMILY_LLAVA_ONEVISION\x10\x04\x12\x17\n\x13MODEL_FAMILY_MLLAMA\x10\x05*S\n\tMediaType\x12\x1a\n\x16MEDIA_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_TYPE_IMAGE\x10\x01\x12\x14\n\x10MEDIA_TYPE_VIDEO\x10\x02*t\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45MBEDDING_KIND_PROMPT_TABLE\x10\x01\x12\"\n\x1e\x45MBEDDING_KIND_CROSS_ATTENTION\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlm.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=929
-  _globals['_DATATYPE']._serialized_end=1183
-  _globals['_MODELFAMILY']._serialized_start=1186
-  _globals['_MODELFAMILY']._serialized_end=1359
-  _globals['_MEDIATYPE']._serialized_start=1361
-  _globals['_MEDIATYPE']._serialized_end=1444
-  _globals['_EMBEDDINGKIND']._serialized_start=1446
-  _globals['_EMBEDDINGKIND']._serialized_end=1562
+  _globals['_DATATYPE']._serialized_start=1068
+  _globals['_DATATYPE']._serialized_end=1322
+  _globals['_EMBEDDINGTRANSPORT']._serialized_start=1324
+  _globals['_EMBEDDINGTRANSPORT']._serialized_end=1451
+  _globals['_MODELFAMILY']._serialized_start=1454
+  _globals['_MODELFAMILY']._serialized_end=1627
+  _globals['_MEDIATYPE']._serialized_start=1629
+  _globals['_MEDIATYPE']._serialized_end=1712
+  _globals['_EMBEDDINGKIND']._serialized_start=1714
+  _globals['_EMBEDDINGKIND']._serialized_end=1830
   _globals['_TENSOR']._serialized_start=31
-  _globals['_TENSOR']._serialized_end=101
-  _globals['_IMAGE']._serialized_start=104
-  _globals['_IMAGE']._serialized_end=236
-  _globals['_VIDEO']._serialized_start=238
-  _globals['_VIDEO']._serialized_end=340
-  _globals['_MEDIAITEM']._serialized_start=342
-  _globals['_MEDIAITEM']._serialized_end=446
-  _globals['_EMBEDDING']._serialized_start=449
-  _globals['_EMBEDDING']._serialized_end=926
+  _globals['_TENSOR']._serialized_end=151
+  _globals['_SHAREDMEMORYSLICE']._serialized_start=153
+  _globals['_SHAREDMEMORYSLICE']._serialized_end=240
+  _globals['_IMAGE']._serialized_start=243
+  _globals['_IMAGE']._serialized_end=375
+  _globals['_VIDEO']._serialized_start=377
+  _globals['_VIDEO']._serialized_end=479
+  _globals['_MEDIAITEM']._serialized_start=481
+  _globals['_MEDIAITEM']._serialized_end=585
+  _globals['_EMBEDDING']._serialized_start=588
+  _globals['_EMBEDDING']._serialized_end=1065
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,12 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_FLOAT32: _ClassVar[DataType]
     DATA_TYPE_FLOAT64: _ClassVar[DataType]
 
+class EmbeddingTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EMBEDDING_TRANSPORT_UNSPECIFIED: _ClassVar[EmbeddingTransport]
+    EMBEDDING_TRANSPORT_BYTES: _ClassVar[EmbeddingTransport]
+    EMBEDDING_TRANSPORT_SHARED_MEMORY: _ClassVar[EmbeddingTransport]
+
 class ModelFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_FAMILY_UNSPECIFIED: _ClassVar[ModelFamily]
@@ -52,6 +58,9 @@ DATA_TYPE_FLOAT16: DataType
 DATA_TYPE_BFLOAT16: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT64: DataType
+EMBEDDING_TRANSPORT_UNSPECIFIED: EmbeddingTransport
+EMBEDDING_TRANSPORT_BYTES: EmbeddingTransport
+EMBEDDING_TRANSPORT_SHARED_MEMORY: EmbeddingTransport
 MODEL_FAMILY_UNSPECIFIED: ModelFamily
 MODEL_FAMILY_BLIP2: ModelFamily
 MODEL_FAMILY_LLAVA: ModelFamily
@@ -66,14 +75,28 @@ EMBEDDING_KIND_PROMPT_TABLE: EmbeddingKind
 EMBEDDING_KIND_CROSS_ATTENTION: EmbeddingKind
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemorySlice
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemorySlice, _Mapping]] = ...) -> None: ...
+
+class SharedMemorySlice(_message.Message):
+    __slots__ = ("region", "offset", "length", "generation")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    length: int
+    generation: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "url", "pixels_hwc_uint8", "pixel_values")

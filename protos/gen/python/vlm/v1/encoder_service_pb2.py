@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vlm.v1 import common_pb2 as vlm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvlm/v1/encoder_service.proto\x12\x06vlm.v1\x1a\x13vlm/v1/common.proto\"\x9e\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05items\x18\x02 \x03(\x0b\x32\x11.vlm.v1.MediaItem\x12&\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x10.vlm.v1.DataType\x12\x14\n\x0c\x62ypass_cache\x18\x04 \x01(\x08\x12\x19\n\x11num_prompt_images\x18\x05 \x01(\x05\"D\n\x0c\x45ncodeResult\x12$\n\tembedding\x18\x01 \x01(\x0b\x32\x11.vlm.v1.Embedding\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\"\x82\x01\n\rEncodeTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x04 \x01(\x01\x12\x11\n\tencode_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"s\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.vlm.v1.EncodeResult\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.vlm.v1.EncodeTimings\"q\n\x17LookupEmbeddingsRequest\x12\x13\n\x0b\x63ontent_ids\x18\x01 \x03(\t\x12\x19\n\x11return_embeddings\x18\x02 \x01(\x08\x12&\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x10.vlm.v1.DataType\"y\n\x18LookupEmbeddingsResponse\x12\x19\n\x11\x66ound_content_ids\x18\x01 \x03(\t\x12\x1b\n\x13missing_content_ids\x18\x02 \x03(\t\x12%\n\nembeddings\x18\x03 \x03(\x0b\x32\x11.vlm.v1.Embedding\"#\n!EncoderServiceGetModelInfoRequest\"\xdc\x01\n\rEncoderLimits\x12\x1d\n\x15max_items_per_request\x18\x01 \x01(\x05\x12\x17\n\x0fmax_media_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x03\x12\x18\n\x10max_video_frames\x18\x04 \x01(\x05\x12!\n\x19max_receive_message_bytes\x18\x05 \x01(\x03\x12\x1e\n\x16max_send_message_bytes\x18\x06 \x01(\x03\x12\x1c\n\x14url_fetch_timeout_ms\x18\x07 \x01(\x01\"\xe2\x03\n\"EncoderServiceGetModelInfoResponse\x12)\n\x0cmodel_family\x18\x01 \x01(\x0e\x32\x13.vlm.v1.ModelFamily\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x1d\n\x15processor_config_hash\x18\x04 \x01(\t\x12-\n\x0e\x65mbedding_kind\x18\x05 \x01(\x0e\x32\x15.vlm.v1.EmbeddingKind\x12\x17\n\x0fllm_hidden_size\x18\x06 \x01(\x05\x12&\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x10.vlm.v1.DataType\x12\x1a\n\x12num_rows_per_image\x18\x08 \x01(\x05\x12\x15\n\rnum_rows_rule\x18\t \x01(\t\x12\x12\n\nimage_size\x18\n \x01(\x05\x12\x16\n\x0esupports_video\x18\x0b \x01(\x08\x12\x1a\n\x12\x64\x65\x66\x61ult_num_frames\x18\x0c \x01(\x05\x12\x14\n\x0csupports_url\x18\r \x01(\x08\x12\x1d\n\x15supports_pixel_values\x18\x0e \x01(\x08\x12%\n\x06limits\x18\x0f \x01(\x0b\x32\x15.vlm.v1.EncoderLimits2\x87\x02\n\x0e\x45ncoderService\x12\x37\n\x06\x45ncode\x12\x15.vlm.v1.EncodeRequest\x1a\x16.vlm.v1.EncodeResponse\x12U\n\x10LookupEmbeddings\x12\x1f.vlm.v1.LookupEmbeddingsRequest\x1a .vlm.v1.LookupEmbeddingsResponse\x12\x65\n\x0cGetModelInfo\x12).vlm.v1.EncoderServiceGetModelInfoRequest\x1a*.vlm.v1.EncoderServiceGetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvlm/v1/encoder_service.proto\x12\x06vlm.v1\x1a\x13vlm/v1/common.proto\"\xd4\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05items\x18\x02 \x03(\x0b\x32\x11.vlm.v1.MediaItem\x12&\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x10.vlm.v1.DataType\x12\x14\n\x0c\x62ypass_cache\x18\x04 \x01(\x08\x12\x19\n\x11num_prompt_images\x18\x05 \x01(\x05\x12\x34\n\x10output_transport\x18\x06 \x01(\x0e\x32\x1a.vlm.v1.EmbeddingTransport\"D\n\x0c\x45ncodeResult\x12$\n\tembedding\x18\x01 \x01(\x0b\x32\x11.vlm.v1.Embedding\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\"\x82\x01\n\rEncodeTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x04 \x01(\x01\x12\x11\n\tencode_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\"s\n\x0e\x45ncodeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.vlm.v1.EncodeResult\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.vlm.v1.EncodeTimings\"q\n\x17LookupEmbeddingsRequest\x12\x13\n\x0b\x63ontent_ids\x18\x01 \x03(\t\x12\x19\n\x11return_embeddings\x18\x02 \x01(\x08\x12&\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x10.vlm.v1.DataType\"y\n\x18LookupEmbeddingsResponse\x12\x19\n\x11\x66ound_content_ids\x18\x01 \x03(\t\x12\x1b\n\x13missing_content_ids\x18\x02 \x03(\t\x12%\n\nembeddings\x18\x03 \x03(\x0b\x32\x11.vlm.v1.Embedding\"#\n!EncoderServiceGetModelInfoRequest\"\xdc\x01\n\rEncoderLimits\x12\x1d\n\x15max_items_per_request\x18\x01 \x01(\x05\x12\x17\n\x0fmax_media_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x03\x12\x18\n\x10max_video_frames\x18\x04 \x01(\x05\x12!\n\x19max_receive_message_bytes\x18\x05 \x01(\x03\x12\x1e\n\x16max_send_message_bytes\x18\x06 \x01(\x03\x12\x1c\n\x14url_fetch_timeout_ms\x18\x07 \x01(\x01\"\x83\x04\n\"EncoderServiceGetModelInfoResponse\x12)\n\x0cmodel_family\x18\x01 \x01(\x0e\x32\x13.vlm.v1.ModelFamily\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x1d\n\x15processor_config_hash\x18\x04 \x01(\t\x12-\n\x0e\x65mbedding_kind\x18\x05 \x01(\x0e\x32\x15.vlm.v1.EmbeddingKind\x12\x17\n\x0fllm_hidden_size\x18\x06 \x01(\x05\x12&\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x10.vlm.v1.DataType\x12\x1a\n\x12num_rows_per_image\x18\x08 \x01(\x05\x12\x15\n\rnum_rows_rule\x18\t \x01(\t\x12\x12\n\nimage_size\x18\n \x01(\x05\x12\x16\n\x0esupports_video\x18\x0b \x01(\x08\x12\x1a\n\x12\x64\x65\x66\x61ult_num_frames\x18\x0c \x01(\x05\x12\x14\n\x0csupports_url\x18\r \x01(\x08\x12\x1d\n\x15supports_pixel_values\x18\x0e \x01(\x08\x12%\n\x06limits\x18\x0f \x01(\x0b\x32\x15.vlm.v1.EncoderLimits\x12\x1f\n\x17shared_memory_available\x18\x10 \x01(\x08\x32\x87\x02\n\x0e\x45ncoderService\x12\x37\n\x06\x45ncode\x12\x15.vlm.v1.EncodeRequest\x1a\x16.vlm.v1.EncodeResponse\x12U\n\x10LookupEmbeddings\x12\x1f.vlm.v1.LookupEmbeddingsRequest\x1a .vlm.v1.LookupEmbeddingsResponse\x12\x65\n\x0cGetModelInfo\x12).vlm.v1.EncoderServiceGetModelInfoRequest\x1a*.vlm.v1.EncoderServiceGetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlm.v1.encoder_service_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODEREQUEST']._serialized_start=62
-  _globals['_ENCODEREQUEST']._serialized_end=220
-  _globals['_ENCODERESULT']._serialized_start=222
-  _globals['_ENCODERESULT']._serialized_end=290
-  _globals['_ENCODETIMINGS']._serialized_start=293
-  _globals['_ENCODETIMINGS']._serialized_end=423
-  _globals['_ENCODERESPONSE']._serialized_start=425
-  _globals['_ENCODERESPONSE']._serialized_end=540
-  _globals['_LOOKUPEMBEDDINGSREQUEST']._serialized_start=542
-  _globals['_LOOKUPEMBEDDINGSREQUEST']._serialized_end=655
-  _globals['_LOOKUPEMBEDDINGSRESPONSE']._serialized_start=657
-  _globals['_LOOKUPEMBEDDINGSRESPONSE']._serialized_end=778
-  _globals['_ENCODERSERVICEGETMODELINFOREQUEST']._serialized_start=780
-  _globals['_ENCODERSERVICEGETMODELINFOREQUEST']._serialized_end=815
-  _globals['_ENCODERLIMITS']._serialized_start=818
-  _globals['_ENCODERLIMITS']._serialized_end=1038
-  _globals['_ENCODERSERVICEGETMODELINFORESPONSE']._serialized_start=1041
-  _globals['_ENCODERSERVICEGETMODELINFORESPONSE']._serialized_end=1523
-  _globals['_ENCODERSERVICE']._serialized_start=1526
-  _globals['_ENCODERSERVICE']._serialized_end=1789
+  _globals['_ENCODEREQUEST']._serialized_end=274
+  _globals['_ENCODERESULT']._serialized_start=276
+  _globals['_ENCODERESULT']._serialized_end=344
+  _globals['_ENCODETIMINGS']._serialized_start=347
+  _globals['_ENCODETIMINGS']._serialized_end=477
+  _globals['_ENCODERESPONSE']._serialized_start=479
+  _globals['_ENCODERESPONSE']._serialized_end=594
+  _globals['_LOOKUPEMBEDDINGSREQUEST']._serialized_start=596
+  _globals['_LOOKUPEMBEDDINGSREQUEST']._serialized_end=709
+  _globals['_LOOKUPEMBEDDINGSRESPONSE']._serialized_start=711
+  _globals['_LOOKUPEMBEDDINGSRESPONSE']._serialized_end=832
+  _globals['_ENCODERSERVICEGETMODELINFOREQUEST']._serialized_start=834
+  _globals['_ENCODERSERVICEGETMODELINFOREQUEST']._serialized_end=869
+  _globals['_ENCODERLIMITS']._serialized_start=872
+  _globals['_ENCODERLIMITS']._serialized_end=1092
+  _globals['_ENCODERSERVICEGETMODELINFORESPONSE']._serialized_start=1095
+  _globals['_ENCODERSERVICEGETMODELINFORESPONSE']._serialized_end=1610
+  _globals['_ENCODERSERVICE']._serialized_start=1613
+  _globals['_ENCODERSERVICE']._serialized_end=1876
 # @@protoc_insertion_point(module_scope)

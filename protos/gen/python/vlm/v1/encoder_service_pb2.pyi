@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "items", "output_dtype", "bypass_cache", "num_prompt_images")
+    __slots__ = ("request_id", "items", "output_dtype", "bypass_cache", "num_prompt_images", "output_transport")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.MediaItem]
     output_dtype: _common_pb2.DataType
     bypass_cache: bool
     num_prompt_images: int
-    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.MediaItem, _Mapping]]] = ..., output_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., bypass_cache: _Optional[bool] = ..., num_prompt_images: _Optional[int] = ...) -> None: ...
+    output_transport: _common_pb2.EmbeddingTransport
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.MediaItem, _Mapping]]] = ..., output_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., bypass_cache: _Optional[bool] = ..., num_prompt_images: _Optional[int] = ..., output_transport: _Optional[_Union[_common_pb2.EmbeddingTransport, str]] = ...) -> None: ...
 
 class EncodeResult(_message.Message):
     __slots__ = ("embedding", "cached")
@@ -98,7 +100,7 @@ class EncoderLimits(_message.Message):
     def __init__(self, max_items_per_request: _Optional[int] = ..., max_media_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_video_frames: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., url_fetch_timeout_ms: _Optional[float] = ...) -> None: ...
 
 class EncoderServiceGetModelInfoResponse(_message.Message):
-    __slots__ = ("model_family", "model_id", "model_fingerprint", "processor_config_hash", "embedding_kind", "llm_hidden_size", "output_dtype", "num_rows_per_image", "num_rows_rule", "image_size", "supports_video", "default_num_frames", "supports_url", "supports_pixel_values", "limits")
+    __slots__ = ("model_family", "model_id", "model_fingerprint", "processor_config_hash", "embedding_kind", "llm_hidden_size", "output_dtype", "num_rows_per_image", "num_rows_rule", "image_size", "supports_video", "default_num_frames", "supports_url", "supports_pixel_values", "limits", "shared_memory_available")
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +116,7 @@ class EncoderServiceGetModelInfoResponse(_message.Message):
     SUPPORTS_URL_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_PIXEL_VALUES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     model_family: _common_pb2.ModelFamily
     model_id: str
     model_fingerprint: str
@@ -129,4 +132,5 @@ class EncoderServiceGetModelInfoResponse(_message.Message):
     supports_url: bool
     supports_pixel_values: bool
     limits: EncoderLimits
-    def __init__(self, model_family: _Optional[_Union[_common_pb2.ModelFamily, str]] = ..., model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., processor_config_hash: _Optional[str] = ..., embedding_kind: _Optional[_Union[_common_pb2.EmbeddingKind, str]] = ..., llm_hidden_size: _Optional[int] = ..., output_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., num_rows_per_image: _Optional[int] = ..., num_rows_rule: _Optional[str] = ..., image_size: _Optional[int] = ..., supports_video: _Optional[bool] = ..., default_num_frames: _Optional[int] = ..., supports_url: _Optional[bool] = ..., supports_pixel_values: _Optional[bool] = ..., limits: _Optional[_Union[EncoderLimits, _Mapping]] = ...) -> None: ...
+    shared_memory_available: bool
+    def __init__(self, model_family: _Optional[_Union[_common_pb2.ModelFamily, str]] = ..., model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., processor_config_hash: _Optional[str] = ..., embedding_kind: _Optional[_Union[_common_pb2.EmbeddingKind, str]] = ..., llm_hidden_size: _Optional[int] = ..., output_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., num_rows_per_image: _Optional[int] = ..., num_rows_rule: _Optional[str] = ..., image_size: _Optional[int] = ..., supports_video: _Optional[bool] = ..., default_num_frames: _Optional[int] = ..., supports_url: _Optional[bool] = ..., supports_pixel_values: _Optional[bool] = ..., limits: _Optional[_Union[EncoderLimits, _Mapping]] = ..., shared_memory_available: _Optional[bool] = ...) -> None: ...
