@@ -111,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     batching = parser.add_argument_group("batching and cache")
     batching.add_argument("--max-batch-size", type=int, default=8, help="items per model run (default: 8)")
-    batching.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="wait for a fuller batch (2)")
+    batching.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=0.0,
+        help="how long an item waits for companions when the model is idle (default 0: run at once; "
+        "items arriving while a batch runs form the next batch anyway)",
+    )
     batching.add_argument(
         "--max-queue-size", type=int, default=256, help="queued items before RESOURCE_EXHAUSTED"
     )

@@ -153,6 +153,9 @@ class EncoderConfig:
       sdpa_backend: on CUDA, the attention kernel family of the vision tower: auto (PyTorch's
         choice), flash, efficient, cudnn or math.
       max_queue_delay_ms: how long the first queued item waits for companions before a batch runs.
+        0 (default): a batch starts as soon as the model is free; under load, the items that arrive
+        while one batch runs form the next, so waiting only adds latency at low load (it was 2 ms,
+        2.2 ms of queue time in a 39 ms image TTFT on an H100).
       max_queue_size: items waiting for the model beyond which Encode answers RESOURCE_EXHAUSTED.
       cache_bytes: byte budget of the embedding cache (0 disables it).
       num_workers: threads that decode and preprocess media.
@@ -179,7 +182,7 @@ class EncoderConfig:
     cuda_graphs: bool = True
     compile_buckets: tuple[int, ...] | None = None
     sdpa_backend: str = "auto"
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0
     max_queue_size: int = 256
     cache_bytes: int = 1024 * MiB
     num_workers: int = 2

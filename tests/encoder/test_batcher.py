@@ -67,6 +67,26 @@ def test_a_lone_item_runs_after_the_queue_delay():
     _run(scenario())
 
 
+def test_without_a_delay_items_arriving_during_a_batch_form_the_next_one():
+    async def scenario():
+        recorder = Recorder()
+        recorder.gate = threading.Event()
+        batcher = MicroBatcher(recorder, max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=100)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(0))
+        while not recorder.threads:  # the lone first item runs at once, without waiting for others
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        assert recorder.batches == [[0], [1, 2, 3, 4, 5]]
+        assert [r.output for r in results] == [0, 10, 20, 30, 40, 50]
+
+    _run(scenario())
+
+
 def test_full_queue_is_resource_exhausted():
     async def scenario():
         recorder = Recorder()

@@ -85,6 +85,8 @@ def test_environment_fills_flags_and_the_command_line_wins(tmp_path):
     assert config.model_dir == model and config.max_batch_size == 5 and config.cache_bytes == 1024**3
     assert not config.url_policy.allow_fetch
     assert config.url_policy.allowed_hosts == ("nas.lan",)
+    # no batching delay unless asked for: a lone image must not wait for companions at low load
+    assert config.max_queue_delay_ms == 0.0
 
 
 @pytest.mark.parametrize(
