@@ -313,16 +313,7 @@ class Client(ClientBase):
 
     def _upload(self, plan: MediaPlan, exc: VlmClientError, spec: CallSpec, deadline: Deadline) -> set[str]:
         """After NOT_FOUND: gather the embeddings the LLM service lacks, for a resend with tensors."""
-        missing = getattr(exc, "content_ids", ())
-        self._held_ids.not_found(plan, missing)
-        shortcut = plan.encoder_skipped
-        upload = plan.upload_ids(missing)
-        upload |= plan.drop_shared_memory()  # the resend carries bytes: a slot may be gone or unreadable
-        logger.debug(
-            "LLM service lacks %d embedding(s)%s; resending them whole",
-            len(upload),
-            " (LLM-first shortcut missed)" if shortcut else "",
-        )
+        upload = self._ids_to_upload(plan, exc)
         fetch = plan.fetch_request(upload)
         if fetch is not None:
             plan.apply_fetch(self._call(ENCODER, "LookupEmbeddings", fetch, deadline, spec.metadata))

@@ -5,6 +5,7 @@ The environment is read when a client is constructed, never at import time.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ from client_sdk.embedding_transport import (
 )
 from client_sdk.errors import InvalidArgumentError
 from client_sdk.held_ids import DEFAULT_HELD_IDS_CAPACITY, HeldIds
+
+logger = logging.getLogger(__name__)
 
 ENCODER_ADDRESS_ENV = "VLM_ENCODER_ADDR"
 LLM_ADDRESS_ENV = "VLM_LLM_ADDR"
@@ -167,3 +170,17 @@ class ClientBase:
 
     def _address(self, which: str) -> str:
         return self.settings.encoder_address if which == ENCODER else self.settings.llm_address
+
+    def _ids_to_upload(self, plan: Any, exc: Exception) -> set[str]:
+        """After the LLM service's NOT_FOUND: the ids of `plan` (a MediaPlan) to resend whole, as bytes.
+        Forgets them as held; shared-memory embeddings go again as bytes (a slot may be gone)."""
+        missing = getattr(exc, "content_ids", ())
+        self._held_ids.not_found(plan, missing)
+        shortcut = plan.encoder_skipped
+        upload = plan.upload_ids(missing) | plan.drop_shared_memory()
+        logger.debug(
+            "LLM service lacks %d embedding(s)%s; resending them whole",
+            len(upload),
+            " (LLM-first shortcut missed)" if shortcut else "",
+        )
+        return upload
