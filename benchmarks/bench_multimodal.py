@@ -86,6 +86,9 @@ COLUMNS = {
                   "of the image + text prompt, chunked over steps shared with other requests)",
     "llm_other_ms": "server_ttft_ms - queue_ms - prefill_ms: tokenization, embedding resolution, "
                     "hand-off to the engine; clamped at 0",
+    "llm_tokenize_ms": "part of llm_other_ms: GenerateTimings.tokenize_ms (template + tokenizer)",
+    "llm_inputs_ms": "part of llm_other_ms: GenerateTimings.inputs_ms (checking and decoding the sent "
+                     "embedding, its shared-memory read included, or looking up its content id)",
     "note": "p50/p90 are taken per column, so the columns' percentiles need not add up to ttft's",
 }
 SPLIT = ("preprocess_ms", "encode_ms", "encoder_rpc_ms", "transfer_ms", "queue_ms", "prefill_ms", "llm_other_ms")
@@ -172,6 +175,8 @@ class Bench:
             "queue_ms": t.queue_ms,
             "prefill_ms": t.prefill_ms,
             "llm_other_ms": max(t.server_time_to_first_token_ms - t.queue_ms - t.prefill_ms, 0.0),
+            "llm_tokenize_ms": t.server_tokenize_ms,
+            "llm_inputs_ms": t.server_inputs_ms,
             "time_per_output_token_ms": t.time_per_output_token_ms,
             "prompt_tokens": result.usage.prompt_tokens,
             "multimodal_prompt_tokens": result.usage.multimodal_prompt_tokens,
@@ -214,7 +219,8 @@ def summarize_point(run: dict, *, scenario: str, concurrency: int, max_tokens: i
         "elapsed_s": run["elapsed_s"], "output_tokens": tokens, "output_tok_s": tokens / run["elapsed_s"],
         "req_s": len(records) / run["elapsed_s"],
     }
-    for column in ("ttft_ms", "client_encode_ms", *SPLIT, "server_ttft_ms", "time_per_output_token_ms"):
+    for column in ("ttft_ms", "client_encode_ms", *SPLIT, "llm_tokenize_ms", "llm_inputs_ms", "server_ttft_ms",
+                   "time_per_output_token_ms"):
         values = [r[column] for r in records]
         point[f"{column}_p50"] = percentile(values, 0.5)
         point[f"{column}_p90"] = percentile(values, 0.9)

@@ -255,6 +255,8 @@ def timings(
         time_per_output_token_ms=message.time_per_output_token_ms,
         server_time_to_first_token_ms=message.time_to_first_token_ms,
         server_total_ms=message.total_ms,
+        server_tokenize_ms=message.tokenize_ms,
+        server_inputs_ms=message.inputs_ms,
     )
 
 

@@ -51,7 +51,9 @@ class Timings:
     ``time_to_first_token_ms`` (streaming: until the first token arrived; unary: until the LLM call
     was sent plus the server's time to first token) and ``total_ms``. Server side (LLM service):
     ``queue_ms``, ``prefill_ms``, ``decode_ms``, ``time_per_output_token_ms``,
-    ``server_time_to_first_token_ms``, ``server_total_ms``.
+    ``server_time_to_first_token_ms``, ``server_total_ms``, and two parts of the server's time before
+    queueing: ``server_tokenize_ms`` (template and tokenizer) and ``server_inputs_ms`` (checking and
+    decoding the multimodal inputs: embeddings sent whole, shared-memory reads, content-id look-ups).
     """
 
     encode_ms: float = 0.0
@@ -63,6 +65,8 @@ class Timings:
     time_per_output_token_ms: float = 0.0
     server_time_to_first_token_ms: float = 0.0
     server_total_ms: float = 0.0
+    server_tokenize_ms: float = 0.0
+    server_inputs_ms: float = 0.0
 
 
 @dataclass(frozen=True)

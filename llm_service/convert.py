@@ -365,6 +365,7 @@ class RequestTimeline:
 
     received_at: float
     encode_s: float = 0.0
+    inputs_s: float = 0.0  # resolving multimodal inputs, encode_s excluded
     first_token_at: float | None = None
     last_token_at: float | None = None
     finished_at: float | None = None
@@ -452,6 +453,7 @@ class StreamResponseBuilder:
         t = message.timings
         t.tokenize_ms = output.tokenize_time_s * 1e3
         t.encode_ms = timeline.encode_s * 1e3
+        t.inputs_ms = timeline.inputs_s * 1e3
         if output.first_scheduled_time is not None:
             t.queue_ms = max(output.first_scheduled_time - output.arrival_time, 0.0) * 1e3
             if timeline.first_token_at is not None:

@@ -156,7 +156,9 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
                 defaults=self.defaults,
                 vocab_size=self.model.vocab_size,
             )
+            started = time.monotonic()
             embeddings = await self._resolve_embeddings(request, request_id, timeline, context)
+            timeline.inputs_s = time.monotonic() - started - timeline.encode_s
             inp = dataclasses.replace(inp, embeddings=tuple(embeddings))
             options = request.output_options
             builder = StreamResponseBuilder(
@@ -273,12 +275,13 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
             logger.info("request %s %s after %.1f ms", request_id, outcome, timeline.total_ms(now))
             return
         logger.info(
-            "request %s %s: prompt=%d (cached %d) completion=%d ttft=%.1f ms total=%.1f ms",
+            "request %s %s: prompt=%d (cached %d) completion=%d inputs=%.1f ms ttft=%.1f ms total=%.1f ms",
             request_id,
             outcome,
             builder.num_prompt_tokens,
             builder.num_cached_prompt_tokens,
             builder.num_output_tokens,
+            timeline.inputs_s * 1e3,
             timeline.ttft_ms,
             timeline.total_ms(now),
         )

@@ -189,6 +189,8 @@ def test_generate_and_stream_match_hf_and_ids_reuse_the_cache(llava, engine):
             assert unary.usage.completion_tokens == NUM_TOKENS
             assert unary.usage.multimodal_prompt_tokens == ref_a.embeddings[0].features.shape[0]
             assert 0 < unary.timings.time_to_first_token_ms <= unary.timings.total_ms
+            # decoding the sent embedding is timed, inside the time to first token
+            assert 0 < unary.timings.inputs_ms < unary.timings.time_to_first_token_ms
 
             request = llm_service_pb2.GenerateStreamRequest(
                 request_id="my-id", **_request([_full(ckpt, ref_b)])

@@ -217,7 +217,9 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
             token_ids=tokens,
             finish_reason=llm_service_pb2.FINISH_REASON_LENGTH,
             usage=self._usage(request, num_media, len(tokens)),
-            timings=llm_service_pb2.GenerateTimings(time_to_first_token_ms=1.5, total_ms=3.0),
+            timings=llm_service_pb2.GenerateTimings(
+                time_to_first_token_ms=1.5, total_ms=3.0, tokenize_ms=0.25, inputs_ms=0.5
+            ),
         )
         if request.output_options.log_probs:
             for pos, t in enumerate(tokens):
@@ -339,6 +341,7 @@ def test_text_only_never_touches_the_encoder(servers, client):
     assert result.finish_reason == "length"
     assert servers.encoder.calls == []
     assert result.encoder_cache_hits == 0 and result.tensors_uploaded == 0 and result.timings.encode_ms == 0.0
+    assert (result.timings.server_tokenize_ms, result.timings.server_inputs_ms) == (0.25, 0.5)
     [(_, request)] = servers.llm.calls
     assert not request.multimodal_inputs and request.prompt == "Tell me a story."
 

@@ -193,7 +193,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., multimodal_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateTimings(_message.Message):
-    __slots__ = ("queue_ms", "tokenize_ms", "encode_ms", "prefill_ms", "time_to_first_token_ms", "decode_ms", "time_per_output_token_ms", "total_ms")
+    __slots__ = ("queue_ms", "tokenize_ms", "encode_ms", "prefill_ms", "time_to_first_token_ms", "decode_ms", "time_per_output_token_ms", "total_ms", "inputs_ms")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZE_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,7 @@ class GenerateTimings(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_PER_OUTPUT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_MS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     tokenize_ms: float
     encode_ms: float
@@ -210,7 +211,8 @@ class GenerateTimings(_message.Message):
     decode_ms: float
     time_per_output_token_ms: float
     total_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., time_per_output_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    inputs_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., time_per_output_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., inputs_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "log_probs", "finish_reason", "stop_string", "stop_token_id", "usage", "timings", "prompt_text", "prompt_token_ids", "prompt_log_probs")
