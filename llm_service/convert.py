@@ -566,6 +566,7 @@ def model_info_response(
         embedding_kind=_KIND_ENUMS[model.embedding_kind],
         hidden_size=model.hidden_size,
         model_dtype=data_type_for_name(model.dtype),
+        kv_cache_dtype=model.kv_cache_dtype,
         supports_media_inputs=supports_media_inputs,
         accepts_shared_memory=accepts_shared_memory,
         default_sampling=sampling_to_proto(defaults),

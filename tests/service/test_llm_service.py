@@ -262,6 +262,7 @@ def test_generate_and_stream_match_hf_and_ids_reuse_the_cache(llava, engine):
             assert info.model_fingerprint == model_fingerprint(ckpt)
             assert info.image_placeholder == "<image>" and not info.supports_media_inputs
             assert info.hidden_size == ref_a.embeddings[0].features.shape[1]
+            assert info.kv_cache_dtype == engine.describe(ckpt).dtype  # auto: the model dtype
 
     asyncio.run(scenario())
 

@@ -297,7 +297,7 @@ class LlmLimits(_message.Message):
     def __init__(self, max_multimodal_inputs_per_request: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_top_log_probs: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_embedding_cache_bytes: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ...) -> None: ...
 
 class LlmServiceGetModelInfoResponse(_message.Message):
-    __slots__ = ("model_family", "model_id", "model_fingerprint", "max_model_len", "vocab_size", "eos_token_ids", "bos_token_id", "pad_token_id", "image_placeholder", "image_token_id", "video_placeholder", "video_token_id", "supports_chat_template", "embedding_kind", "hidden_size", "model_dtype", "supports_media_inputs", "default_sampling", "limits", "accepts_shared_memory")
+    __slots__ = ("model_family", "model_id", "model_fingerprint", "max_model_len", "vocab_size", "eos_token_ids", "bos_token_id", "pad_token_id", "image_placeholder", "image_token_id", "video_placeholder", "video_token_id", "supports_chat_template", "embedding_kind", "hidden_size", "model_dtype", "supports_media_inputs", "default_sampling", "limits", "accepts_shared_memory", "kv_cache_dtype")
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +318,7 @@ class LlmServiceGetModelInfoResponse(_message.Message):
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_family: _common_pb2.ModelFamily
     model_id: str
     model_fingerprint: str
@@ -338,7 +339,8 @@ class LlmServiceGetModelInfoResponse(_message.Message):
     default_sampling: SamplingParams
     limits: LlmLimits
     accepts_shared_memory: bool
-    def __init__(self, model_family: _Optional[_Union[_common_pb2.ModelFamily, str]] = ..., model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., image_placeholder: _Optional[str] = ..., image_token_id: _Optional[int] = ..., video_placeholder: _Optional[str] = ..., video_token_id: _Optional[int] = ..., supports_chat_template: _Optional[bool] = ..., embedding_kind: _Optional[_Union[_common_pb2.EmbeddingKind, str]] = ..., hidden_size: _Optional[int] = ..., model_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., supports_media_inputs: _Optional[bool] = ..., default_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., limits: _Optional[_Union[LlmLimits, _Mapping]] = ..., accepts_shared_memory: _Optional[bool] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model_family: _Optional[_Union[_common_pb2.ModelFamily, str]] = ..., model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., image_placeholder: _Optional[str] = ..., image_token_id: _Optional[int] = ..., video_placeholder: _Optional[str] = ..., video_token_id: _Optional[int] = ..., supports_chat_template: _Optional[bool] = ..., embedding_kind: _Optional[_Union[_common_pb2.EmbeddingKind, str]] = ..., hidden_size: _Optional[int] = ..., model_dtype: _Optional[_Union[_common_pb2.DataType, str]] = ..., supports_media_inputs: _Optional[bool] = ..., default_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., limits: _Optional[_Union[LlmLimits, _Mapping]] = ..., accepts_shared_memory: _Optional[bool] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt", "chat", "prompt_format", "add_special_tokens", "return_token_strings")
