@@ -261,6 +261,7 @@ class AsyncClient(ClientBase):
         plan = MediaPlan(spec.media, identity, default_num_frames=default_num_frames)
         if self._held_ids.take_shortcut(plan):
             return plan  # the LLM service accepted every id before: ask it first, skip the encoder
+        plan.output_transport = await self._output_transport(deadline)
         lookup = plan.lookup_request()
         if lookup is not None:
             plan.apply_lookup(await self._call(ENCODER, "LookupEmbeddings", lookup, deadline, spec.metadata))

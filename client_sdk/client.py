@@ -273,6 +273,7 @@ class Client(ClientBase):
         plan = MediaPlan(spec.media, identity, default_num_frames=default_num_frames)
         if self._held_ids.take_shortcut(plan):
             return plan  # the LLM service accepted every id before: ask it first, skip the encoder
+        plan.output_transport = self._output_transport(deadline)
         lookup = plan.lookup_request()
         if lookup is not None:
             plan.apply_lookup(self._call(ENCODER, "LookupEmbeddings", lookup, deadline, spec.metadata))

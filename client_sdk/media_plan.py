@@ -2,11 +2,13 @@
 
 No I/O: the sync and async clients drive the same plan through the same steps:
 
-1. ``lookup_request`` -> ``EncoderService.LookupEmbeddings`` -> ``apply_lookup``;
+1. ``lookup_request`` -> ``EncoderService.LookupEmbeddings`` -> ``apply_lookup`` (skipped with the
+   shared-memory transport, where ``Encode`` answers a hit with a reference just as cheaply);
 2. ``encode_request`` (only what the encoder lacks, and URLs) -> ``Encode`` -> ``apply_encode``;
 3. ``llm_inputs()`` -> ``LlmService.Generate``: content ids, except the embeddings ``Encode`` has just
    computed, which go whole at once (new to the encoder's cache, so almost surely new to the LLM
-   service: asking by id first would only cost a NOT_FOUND round trip);
+   service: asking by id first would only cost a NOT_FOUND round trip), and those it returned as
+   shared-memory references;
 4. on NOT_FOUND: ``upload_ids(trailer)``; fetch what is not held locally (``fetch_request`` ->
    ``LookupEmbeddings(return_embeddings)`` -> ``apply_fetch``; still missing: encode again) and resend
    with ``llm_inputs(upload)``, which carries those embeddings whole.
@@ -60,7 +62,10 @@ class MediaPlan:
             for m in self.media
         ]
         self.embeddings: dict[str, common_pb2.Embedding] = {}
-        self.fresh_ids: set[str] = set()  # embeddings Encode computed for this call (not cached)
+        # Sent whole in the first LLM request: the embeddings Encode computed for this call (new to the
+        # LLM service too, almost surely), and any Encode returned through shared memory (a reference:
+        # cheaper to send than a NOT_FOUND round trip is to risk)
+        self.fresh_ids: set[str] = set()
         # EncodeRequest.output_transport; UNSPECIFIED until the client decides (client_sdk.embedding_transport)
         self.output_transport: int = common_pb2.EMBEDDING_TRANSPORT_UNSPECIFIED
         self.encoder_cache_hits = 0
@@ -84,7 +89,11 @@ class MediaPlan:
         self.encoder_skipped = True
 
     def lookup_request(self) -> encoder_service_pb2.LookupEmbeddingsRequest | None:
-        """Ask the encoder which locally known ids it holds; None when no id is known (URLs only)."""
+        """Ask the encoder which locally known ids it holds; None when no id is known (URLs only), and
+        with the shared-memory transport: there a hit costs `Encode` no more than a look-up (the
+        embedding comes back as a reference either way), so the look-up round trip is skipped."""
+        if self.output_transport == common_pb2.EMBEDDING_TRANSPORT_SHARED_MEMORY:
+            return None
         ids = _unique(cid for cid in self.content_ids if cid)
         return encoder_service_pb2.LookupEmbeddingsRequest(content_ids=ids) if ids else None
 
@@ -130,7 +139,7 @@ class MediaPlan:
             self._found.add(served_id)
             if encoded.cached:
                 self.encoder_cache_hits += 1
-            else:
+            if not encoded.cached or encoded.embedding.features.HasField("shared_memory"):
                 self.fresh_ids.add(served_id)
 
     # --- LLM ----------------------------------------------------------------------------------

@@ -199,6 +199,30 @@ def test_shared_memory_gives_the_tokens_of_bytes_and_sends_no_feature_bytes(stac
     assert plain.text == reference.text
 
 
+def test_shared_memory_skips_the_lookup_and_sends_encoder_hits_whole(stack):
+    """With shared memory an Encode hit is as cheap as a look-up: the SDK calls Encode straight away, and
+    an embedding the encoder already held goes whole (a reference) in the first LLM request, not by id
+    (which a fresh LLM service would answer with NOT_FOUND)."""
+    image = _image(50)  # an image no other test of this module encodes
+    region = stack.encoder.shared_memory.name
+    methods: list[str] = []
+    for round_ in range(2):
+        llm = stack.start_llm()  # a fresh LLM service each time: it never holds the embedding
+        with stack.client(llm, "shared_memory") as client:
+            def counting(which, method, *args, _call=client._call, **kwargs):
+                methods.append(method)
+                return _call(which, method, *args, **kwargs)
+
+            client._call = counting
+            result = _generate(client, image)
+        assert "LookupEmbeddings" not in methods
+        assert len(llm.requests) == 1, "no NOT_FOUND resend"
+        assert _only_references(llm.embeddings(0), region)
+        assert result.tensors_uploaded == 1
+        assert result.encoder_cache_hits == round_  # the second round is an encoder-cache hit
+        methods.clear()
+
+
 def test_llm_refusing_shared_memory(stack):
     llm = stack.start_llm(accept=False)
     with stack.client(llm, "shared_memory") as client, pytest.raises(FailedPreconditionError) as info:
