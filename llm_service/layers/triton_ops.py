@@ -10,9 +10,10 @@ kernels do the same work in one launch each:
   slots (one token per program);
 * `silu_and_mul`: SiLU(gate) * up from the fused gate/up projection.
 
-Rounding follows the eager PyTorch ops step by step (each bf16 op rounds its result), so outputs
-match the eager path bit for bit in the common case and to one bf16 ulp at worst (the fp32 reduction
-order of the norm and the exp implementation may differ). Under `TRITON_INTERPRET=1` they run on CPU
+Rounding follows the eager PyTorch ops step by step (each bf16 op rounds its result, on the bit
+pattern: `_round_to_model_dtype`), so the rotary matches the eager path bit for bit and the norm and
+SiLU to one bf16 ulp at worst (the fp32 reduction order of the norm and the exp implementation may
+differ). Under `TRITON_INTERPRET=1` they run on CPU
 tensors, which is how CI checks them.
 
 An fp8 (float8_e4m3fn) KV cache: `rotary_and_cache` rounds k and v (already rounded to the model dtype,
@@ -39,16 +40,16 @@ def _add_rms_norm_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < hidden
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    x32 = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32))
-        x = x.to(out_ptr.dtype.element_ty)  # the sum is rounded to the model dtype, as `a + b` is
-        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=ok)
-    x32 = x.to(tl.float32)
+        x32 += tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
+        x32 = _round_to_model_dtype(x32, out_ptr.dtype.element_ty)  # the sum rounds, as `a + b` does
+        tl.store(res_out_ptr + row * stride_res_out + cols, x32.to(res_out_ptr.dtype.element_ty), mask=ok)
     variance = tl.sum(x32 * x32, axis=0) / hidden
-    normed = (x32 * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty)
+    normed = _round_to_model_dtype(x32 * tl.rsqrt(variance + eps), out_ptr.dtype.element_ty)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + row * stride_out + cols, (normed.to(tl.float32) * w.to(tl.float32)), mask=ok)
+    out = _round_to_model_dtype(normed * w.to(tl.float32), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def add_rms_norm(
@@ -69,6 +70,25 @@ def add_rms_norm(
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4,
     )
     return out, res_out
+
+
+@triton.jit
+def _round_to_model_dtype(x, dtype):
+    """fp32 -> the nearest value of the model dtype (ties to even), still as fp32: what the eager op's
+    rounded result holds. Done on the bit pattern because a `.to(bf16).to(fp32)` round trip is not
+    kept by the compiler on an H100 (Triton 3.6 gave the unrounded value: an fp8 cache then held a
+    different e4m3 neighbour than the eager path's for ~0.4% of rotated keys). bf16 shares fp32's
+    exponent range, so only the mantissa rounds; fp16 also has a subnormal step of 2**-24 (adding and
+    subtracting 0.75, whose fp32 ulp is 2**-24, rounds to it) and overflows past 65504."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0xFFF + ((bits >> 13) & 1)) & -0x2000).to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) < 6.103515625e-05, (x + 0.75) - 0.75, normal)
+        x = tl.where(tl.abs(x) > 65504.0, x * float("inf"), x)
+    return x
 
 
 @triton.jit
@@ -115,10 +135,11 @@ def _rotary_and_cache_kernel(
     q_row = q_ptr + tok * stride_qt + h * stride_qh
     q1 = tl.load(q_row + d[None, :], mask=h_ok, other=0.0).to(tl.float32)  # [Hq, D/2]
     q2 = tl.load(q_row + HALF + d[None, :], mask=h_ok, other=0.0).to(tl.float32)
-    out1 = (q1 * c1[None, :]).to(dtype).to(tl.float32) + (-q2 * s1[None, :]).to(dtype).to(tl.float32)
-    out2 = (q2 * c2[None, :]).to(dtype).to(tl.float32) + (q1 * s2[None, :]).to(dtype).to(tl.float32)
-    tl.store(q_row + d[None, :], out1.to(dtype), mask=h_ok)
-    tl.store(q_row + HALF + d[None, :], out2.to(dtype), mask=h_ok)
+    out1 = _round_to_model_dtype(q1 * c1[None, :], dtype) + _round_to_model_dtype(-q2 * s1[None, :], dtype)
+    out2 = _round_to_model_dtype(q2 * c2[None, :], dtype) + _round_to_model_dtype(q1 * s2[None, :], dtype)
+    # stores cast values already rounded: the interpreter's fp32 -> bf16 cast does not round to nearest
+    tl.store(q_row + d[None, :], _round_to_model_dtype(out1, dtype).to(dtype), mask=h_ok)
+    tl.store(q_row + HALF + d[None, :], _round_to_model_dtype(out2, dtype).to(dtype), mask=h_ok)
 
     g = tl.arange(0, KV_HEADS_P2)[:, None]
     g_ok = g < num_kv_heads
@@ -126,12 +147,12 @@ def _rotary_and_cache_kernel(
     k_row = k_ptr + tok * stride_kt + g * stride_kh
     k1 = tl.load(k_row + d[None, :], mask=g_ok, other=0.0).to(tl.float32)  # [Hkv, D/2]
     k2 = tl.load(k_row + HALF + d[None, :], mask=g_ok, other=0.0).to(tl.float32)
-    kout1 = (k1 * c1[None, :]).to(dtype).to(tl.float32) + (-k2 * s1[None, :]).to(dtype).to(tl.float32)
-    kout2 = (k2 * c2[None, :]).to(dtype).to(tl.float32) + (k1 * s2[None, :]).to(dtype).to(tl.float32)
+    kout1 = _round_to_model_dtype(k1 * c1[None, :], dtype) + _round_to_model_dtype(-k2 * s1[None, :], dtype)
+    kout2 = _round_to_model_dtype(k2 * c2[None, :], dtype) + _round_to_model_dtype(k1 * s2[None, :], dtype)
     kc_row = k_cache_ptr + slot * stride_kc_slot + g * stride_kc_h
     cache_dtype = k_cache_ptr.dtype.element_ty
     # k rounds to the model dtype first (the eager path's rotary output), then to the cache dtype
-    kout1, kout2 = kout1.to(dtype).to(tl.float32), kout2.to(dtype).to(tl.float32)
+    kout1, kout2 = _round_to_model_dtype(kout1, dtype), _round_to_model_dtype(kout2, dtype)
     tl.store(kc_row + d[None, :], _to_cache(kout1, cache_dtype, FP8), mask=g_ok)
     tl.store(kc_row + HALF + d[None, :], _to_cache(kout2, cache_dtype, FP8), mask=g_ok)
     v_row = v_ptr + tok * stride_vt + g * stride_vh
@@ -182,8 +203,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, width, BLOCK: tl.
     gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + width + cols, mask=ok, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # SiLU rounds, then the product does
-    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=ok)
+    act = _round_to_model_dtype(gate / (1.0 + tl.exp(-gate)), dtype)  # SiLU rounds, then the product does
+    tl.store(out_ptr + row * stride_out + cols, _round_to_model_dtype(act * up, dtype).to(dtype), mask=ok)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
