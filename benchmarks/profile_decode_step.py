@@ -107,6 +107,38 @@ def _kernel_profile(engine, device) -> tuple[str, int]:
     return events.table(sort_by=sort_key, row_limit=40, max_name_column_width=70), kernels
 
 
+def _prefill_wave(engine, requests: int, context: int, vocab: int, device, seed: int, profile: bool = False) -> dict:
+    """The closed loop's prefill wave: `requests` prompts of `context` tokens (new ones: `seed` must
+    differ between waves, or the prefix cache serves them) arrive at an idle engine together. Wall ms
+    of each step, synchronized, until every request has its first token; with `profile`, the kernels
+    of the first (full-budget) step instead (its time then includes the profiler's)."""
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    ids = [f"wave-{seed}-{i}" for i in range(requests)]
+    for rid, prompt in zip(ids, random_prompts(requests, context, vocab, seed=seed), strict=True):
+        engine.add_request(GenerationInput(rid, prompt_token_ids=prompt, sampling=params))
+    started: set[str] = set()
+    step_ms, kernels_text = [], ""
+    while len(started) < requests:
+        sync(device)
+        t0 = time.perf_counter()
+        if profile and not step_ms and device.type == "cuda":
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                outputs = engine.step()
+                sync(device)
+            kernels_text = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30,
+                                                     max_name_column_width=70)
+        else:
+            outputs = engine.step()
+        sync(device)
+        step_ms.append(1e3 * (time.perf_counter() - t0))
+        started.update(o.request_id for o in outputs if o.new_token_ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"requests": requests, "context": context, "step_ms": step_ms, "total_ms": sum(step_ms),
+            "kernels": kernels_text}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -116,19 +148,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=192, help="prompt tokens of every request")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--prefill-wave", default=None, metavar="NxC",
+                        help="also time a wave of N prompts of C tokens arriving together (e.g. 256x128)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
+    wave_requests, wave_context = (int(x) for x in (args.prefill_wave or "0x0").lower().split("x"))
     models = build_models(tiny=args.tiny, device=args.device, dtype=dtype)
     engine = build_engine(
-        models, max_num_seqs=max(batches), max_num_batched_tokens=8192, attention_backend=args.attention_backend,
+        models, max_num_seqs=max(batches + [wave_requests]), max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
         max_model_len=2048,
     )
     results = {**environment(device), "dtype": str(dtype).removeprefix("torch."), "context": args.context, "attention_backend": engine.config.attention_backend,
                "cuda_graphs": engine.config.use_cuda_graphs, "points": []}
     try:
+        if wave_requests:
+            n, c = wave_requests, wave_context
+            vocab = models.config.vocab_size
+            _prefill_wave(engine, n, c, vocab, device, seed=1)  # warm-up (lazy inits, autotune)
+            wave = _prefill_wave(engine, n, c, vocab, device, seed=2)
+            kernels = _prefill_wave(engine, n, c, vocab, device, seed=3, profile=True)["kernels"]
+            (args.out / f"profile_wave_{n}x{c}_kernels.txt").write_text(kernels)
+            del wave["kernels"]
+            results["prefill_wave"] = {**wave, "max_num_batched_tokens": args.max_num_batched_tokens}
+            print(json.dumps(results["prefill_wave"]), flush=True)
         for batch in batches:
             ids = _into_decode(engine, batch, args.context, models.config.vocab_size)
             _timed_steps(engine, 3, device)  # warm-up
