@@ -75,9 +75,10 @@ def add_rms_norm(
 @triton.jit
 def _round_to_model_dtype(x, dtype):
     """fp32 -> the nearest value of the model dtype (ties to even), still as fp32: what the eager op's
-    rounded result holds. Done on the bit pattern because a `.to(bf16).to(fp32)` round trip is not
-    kept by the compiler on an H100 (Triton 3.6 gave the unrounded value: an fp8 cache then held a
-    different e4m3 neighbour than the eager path's for ~0.4% of rotated keys). bf16 shares fp32's
+    rounded result holds. Done on the bit pattern, which no compiler rewrite can skip: with
+    `.to(bf16).to(fp32)` round trips here, an fp8 cache on an H100 (Triton 3.6) held the other e4m3
+    neighbour of the eager path's for ~0.4% of rotated keys, as an unrounded intermediate would
+    (the cause stays unidentified: a lone round trip in a small kernel is kept). bf16 shares fp32's
     exponent range, so only the mantissa rounds; fp16 also has a subnormal step of 2**-24 (adding and
     subtracting 0.75, whose fp32 ulp is 2**-24, rounds to it) and overflows past 65504."""
     if dtype == tl.bfloat16:

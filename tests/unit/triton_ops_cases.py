@@ -132,8 +132,8 @@ def _check_rotary_fp8(device, dtype) -> list[str]:
     this checks the fp8 rounding alone (`_check_rotary` compares the rotary with the eager one; in
     fp32 they may differ by an ulp, and where k * cos and rotate(k) * sin nearly cancel an ulp is
     several e4m3 steps of the small result). The rotated k must be rounded to the model dtype before
-    the e4m3 rounding, as the eager path has it: on an H100 a `.to(bf16).to(fp32)` round trip was
-    dropped by the compiler and ~0.4% of keys landed on the other e4m3 neighbour. With an identity
+    the e4m3 rounding, as the eager path has it: with `.to(bf16).to(fp32)` round trips in the kernel,
+    ~0.4% of keys landed on the other e4m3 neighbour on an H100 (see `_round_to_model_dtype`). With an identity
     rotation (cos 1, sin 0) k and v are the inputs as they are, over `_e4m3_sweep`."""
     failures = []
     fp8 = torch.float8_e4m3fn
