@@ -66,6 +66,29 @@ def test_profile_prefill_smoke(scripts, tmp_path, tiny_checkpoint):
     assert point["profile_image"]["wall_ms_profiled"] > 0
 
 
+def test_profile_decode_step_with_a_prefill_wave_smoke(scripts, tmp_path):
+    """Decode steps at a batch and a prefill wave of new prompts: every request of the wave gets its
+    first token, over more than one step when the wave exceeds the step budget."""
+    assert scripts("profile_decode_step").main([
+        "--tiny", "--device", "cpu", "--out", str(tmp_path), "--batches", "2", "--steps", "2",
+        "--context", "8", "--prefill-wave", "6x16", "--max-num-batched-tokens", "32",
+    ]) == 0
+    result = json.loads((tmp_path / "profile_decode_step.json").read_text())
+    wave = result["prefill_wave"]
+    assert wave["requests"] == 6 and wave["max_num_batched_tokens"] == 32
+    assert len(wave["step_ms"]) >= 3  # 96 prompt tokens at 32 per step
+    assert [p["batch"] for p in result["points"]] == [2]
+
+
+def test_shared_memory_read_profile_smoke(scripts, tmp_path):
+    assert scripts("profile_shm_read").main([
+        "--out", str(tmp_path), "--bytes", str(3 << 20), "--reads", "3", "--region-mb", "16",
+    ]) == 0
+    variants = json.loads((tmp_path / "profile_shm_read.json").read_text())["variants"]
+    assert set(variants) == {"neither", "populate", "huge_pages", "both", "reader"}
+    assert all(v["median_ms"] > 0 for v in variants.values())
+
+
 def test_attention_micro_benchmark_smoke(scripts, tmp_path):
     assert scripts("bench_attention").main([
         "--device", "cpu", "--out", str(tmp_path), "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
