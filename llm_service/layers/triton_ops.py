@@ -13,8 +13,7 @@ kernels do the same work in one launch each:
 Rounding follows the eager PyTorch ops step by step (each bf16 op rounds its result, on the bit
 pattern: `_round_to_model_dtype`), so the rotary matches the eager path bit for bit and the norm and
 SiLU to one bf16 ulp at worst (the fp32 reduction order of the norm and the exp implementation may
-differ). Under `TRITON_INTERPRET=1` they run on CPU
-tensors, which is how CI checks them.
+differ). Under `TRITON_INTERPRET=1` they run on CPU tensors, which is how CI checks them.
 
 An fp8 (float8_e4m3fn) KV cache: `rotary_and_cache` rounds k and v (already rounded to the model dtype,
 as the eager path has them) to the nearest e4m3 value in fp32 arithmetic, saturated to +-448, before
