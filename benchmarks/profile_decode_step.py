@@ -107,27 +107,43 @@ def _kernel_profile(engine, device) -> tuple[str, int]:
     return events.table(sort_by=sort_key, row_limit=40, max_name_column_width=70), kernels
 
 
-def _prefill_wave(engine, requests: int, context: int, vocab: int, device, seed: int, profile: bool = False) -> dict:
+def _prefill_wave(engine, requests: int, context: int, vocab: int, device, seed: int, profile: str | None = None) -> dict:
     """The closed loop's prefill wave: `requests` prompts of `context` tokens (new ones: `seed` must
     differ between waves, or the prefix cache serves them) arrive at an idle engine together. Wall ms
-    of each step, synchronized, until every request has its first token; with `profile`, the kernels
-    of the first (full-budget) step instead (its time then includes the profiler's)."""
+    of each step, synchronized, until every request has its first token. `profile` profiles the first
+    (full-budget) step instead, whose time then includes the profiler's: "kernels" (torch.profiler,
+    by GPU time and by CPU time) or "host" (cProfile; on a GPU the wait for the kernels shows up as
+    the sampler's synchronize)."""
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     ids = [f"wave-{seed}-{i}" for i in range(requests)]
     for rid, prompt in zip(ids, random_prompts(requests, context, vocab, seed=seed), strict=True):
         engine.add_request(GenerationInput(rid, prompt_token_ids=prompt, sampling=params))
     started: set[str] = set()
-    step_ms, kernels_text = [], ""
+    step_ms, report = [], ""
     while len(started) < requests:
         sync(device)
         t0 = time.perf_counter()
-        if profile and not step_ms and device.type == "cuda":
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        if profile == "kernels" and not step_ms:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
             with torch.profiler.profile(activities=activities) as prof:
                 outputs = engine.step()
                 sync(device)
-            kernels_text = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30,
-                                                     max_name_column_width=70)
+            events = prof.key_averages()
+            report = "\n\n".join(
+                f"sorted by {key}:\n" + events.table(sort_by=key, row_limit=30, max_name_column_width=70)
+                for key in (("self_device_time_total",) if device.type == "cuda" else ()) + ("self_cpu_time_total",)
+            )
+        elif profile == "host" and not step_ms:
+            host = cProfile.Profile()
+            host.enable()
+            outputs = engine.step()
+            sync(device)
+            host.disable()
+            text = io.StringIO()
+            pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(40)
+            report = text.getvalue()
         else:
             outputs = engine.step()
         sync(device)
@@ -136,7 +152,7 @@ def _prefill_wave(engine, requests: int, context: int, vocab: int, device, seed:
     while engine.has_unfinished_requests():
         engine.step()
     return {"requests": requests, "context": context, "step_ms": step_ms, "total_ms": sum(step_ms),
-            "kernels": kernels_text}
+            "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             vocab = models.config.vocab_size
             _prefill_wave(engine, n, c, vocab, device, seed=1)  # warm-up (lazy inits, autotune)
             wave = _prefill_wave(engine, n, c, vocab, device, seed=2)
-            kernels = _prefill_wave(engine, n, c, vocab, device, seed=3, profile=True)["kernels"]
-            (args.out / f"profile_wave_{n}x{c}_kernels.txt").write_text(kernels)
-            del wave["kernels"]
+            for seed, kind in ((3, "kernels"), (4, "host")):
+                report = _prefill_wave(engine, n, c, vocab, device, seed=seed, profile=kind)["report"]
+                (args.out / f"profile_wave_{n}x{c}_{kind}.txt").write_text(report)
+            del wave["report"]
             results["prefill_wave"] = {**wave, "max_num_batched_tokens": args.max_num_batched_tokens}
             print(json.dumps(results["prefill_wave"]), flush=True)
         for batch in batches:

@@ -78,6 +78,8 @@ def test_profile_decode_step_with_a_prefill_wave_smoke(scripts, tmp_path):
     assert wave["requests"] == 6 and wave["max_num_batched_tokens"] == 32
     assert len(wave["step_ms"]) >= 3  # 96 prompt tokens at 32 per step
     assert [p["batch"] for p in result["points"]] == [2]
+    assert "self_cpu_time_total" in (tmp_path / "profile_wave_6x16_kernels.txt").read_text()
+    assert "engine_core.py" in (tmp_path / "profile_wave_6x16_host.txt").read_text()  # cProfile of a step
 
 
 def test_shared_memory_read_profile_smoke(scripts, tmp_path):
