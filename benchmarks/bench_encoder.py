@@ -382,6 +382,22 @@ def hf_computes(tower, projector, config) -> tuple[TowerProjector, TowerProjecto
     )
 
 
+def kernel_category(name: str) -> str:
+    """Coarse family of a CUDA kernel name, for the encoder's GPU-time split."""
+    lower = name.lower()
+    if "sdpa" in lower or "fmha" in lower or "flash" in lower or "attention" in lower:
+        return "attention"
+    if "conv" in lower or "fprop" in lower or "nchw" in lower or "nhwc" in lower:
+        return "patch_conv"
+    if any(m in lower for m in ("gemm", "nvjet", "sm90_xmma", "cutlass", "matmul", "_mm_")):
+        return "gemm"
+    if "triton" in lower:
+        return "triton_fused"
+    if "memcpy" in lower or "memset" in lower:
+        return "copy"
+    return "other"
+
+
 class CudaGraphRunner:
     """One batch size of `fn` captured in a CUDA graph over a static input buffer, then replayed."""
 
@@ -673,6 +689,7 @@ STEP_SIZES = {
     "compiled_hf": "first",
     "reduce_overhead": "first",
     "max_autotune": "first",
+    "kernel_profile": "first",
 }
 
 
@@ -914,6 +931,36 @@ class Suite:
                     self.bench.results["encode_call_compiled"][str(bs)] = value
         finally:
             self.engine.compute = self.fused
+
+    def kernel_profile(self, sizes: list[int]) -> None:
+        """Kernels of the service's compiled path (CUDA-graph replay), by GPU time: where the gap to
+        the FLOP ceiling goes. Writes `encoder_kernels_bs<B>.txt` and a per-category summary."""
+        if self._no_compile("kernel_profile") or self.device.type != "cuda":
+            return
+        runner = self.compute("service").__dict__["_runner"]
+        for bs in sizes:
+            with torch.no_grad():
+                graph = CudaGraphRunner(runner, self.bench.inputs[bs])
+            self.warm.add(("service", bs))
+            calls = 3
+            graph(self.bench.inputs[bs])
+            _sync(self.device)
+            activity = torch.profiler.ProfilerActivity.CUDA
+            with torch.profiler.profile(activities=[activity]) as prof, torch.no_grad():
+                for _ in range(calls):
+                    graph(self.bench.inputs[bs])
+                _sync(self.device)
+            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            (self.args.out / f"encoder_kernels_bs{bs}.txt").write_text(
+                prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=110)
+            )
+            categories: dict[str, float] = {}
+            for e in events:
+                categories[kernel_category(e.key)] = categories.get(kernel_category(e.key), 0.0) + e.self_device_time_total
+            record = {k: v / 1e3 / calls for k, v in sorted(categories.items(), key=lambda kv: -kv[1])}
+            self.bench.results.setdefault("kernel_profile", {})[str(bs)] = {"gpu_ms_per_call": record}
+            print(f"  kernel_profile           bs {bs:>4}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in record.items()), flush=True)
+            self.bench.save()
 
     def eager_unfused(self, sizes: list[int]) -> None:
         for bs in sizes:

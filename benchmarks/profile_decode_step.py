@@ -77,6 +77,31 @@ def _replay_ms(engine, batch: int, device, iters: int) -> float | None:
     return statistics.median(times)
 
 
+def _graph_kernel_profile(engine, batch: int, device, replays: int = 5) -> tuple[str, dict] | None:
+    """Kernels of the decode CUDA graph itself (what a graph step runs), by GPU time: kernel count
+    and summed kernel time per replay against the replay's wall time (the gaps between kernels)."""
+    graphs = engine.runner.decode_graphs
+    if graphs is None or not graphs.capture:
+        return None
+    key = graphs.bucket_for(batch, max(r.num_tokens for r in engine.scheduler.requests.values()))
+    if key is None:
+        return None
+    graph = graphs.graphs[key]
+    graph.replay()
+    sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    summary = {
+        "kernels_per_replay": sum(e.count for e in events) / replays,
+        "kernel_ms_per_replay": sum(e.self_device_time_total for e in events) / 1e3 / replays,
+    }
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    return table, summary
+
+
 def _host_profile(engine, steps: int) -> str:
     prof = cProfile.Profile()
     prof.enable()
@@ -197,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             _timed_steps(engine, 3, device)  # warm-up
             step_ms = _timed_steps(engine, args.steps, device)
             replay = _replay_ms(engine, batch, device, args.steps)
+            graph_profile = _graph_kernel_profile(engine, batch, device)
             host = _host_profile(engine, args.steps)
             kernels_text, kernels = _kernel_profile(engine, device)
             (args.out / f"profile_b{batch}_host.txt").write_text(host)
@@ -204,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             point = {"batch": batch, "step_ms": step_ms, "replay_ms": replay,
                      "host_ms": None if replay is None else step_ms - replay,
                      "tok_s": 1e3 * batch / step_ms, "kernels_per_eager_step": kernels}
+            if graph_profile is not None:
+                (args.out / f"profile_b{batch}_graph_kernels.txt").write_text(graph_profile[0])
+                point["graph"] = graph_profile[1]
             results["points"].append(point)
             print(json.dumps(point), flush=True)
             for rid in ids:

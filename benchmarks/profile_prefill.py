@@ -17,7 +17,10 @@ against the wall time of the step) so host overhead and GPU work can be told apa
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 import uuid
@@ -91,17 +94,22 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def _profile_image(
-    engine: EngineCore, features: torch.Tensor, device: torch.device, out: Path, tag: str
+    engine: EngineCore, features: torch.Tensor, device: torch.device, out: Path, tag: str,
+    content_id: str | None = None, trace: bool = False,
 ) -> dict:
-    inp = _image_input(engine, f"prof-{uuid.uuid4().hex}", features)
+    """One image prompt's first token under torch.profiler (`content_id` of an earlier request: the
+    repeat). `trace` also writes the Chrome trace, for the host timeline against the kernels."""
+    inp = _image_input(engine, content_id or f"prof-{uuid.uuid4().hex}", features)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     _sync(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, with_stack=False) as prof:
         t0 = time.perf_counter()
         timing = _first_token(engine, inp, device)
         wall = 1e3 * (time.perf_counter() - t0)
+    if trace:
+        prof.export_chrome_trace(str(out / f"trace_prefill_{tag}.json"))
     events = prof.key_averages()
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     (out / f"profile_prefill_{tag}_kernels.txt").write_text(
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default="default", help="comma list: default, eager (enforce_eager), batched"
     )
+    parser.add_argument("--trace", action="store_true", help="also write Chrome traces of an image and a repeat "
+                        "prefill, and a cProfile of a repeat")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +187,17 @@ def main(argv: list[str] | None = None) -> int:
             "cuda_graphs": engine.config.use_cuda_graphs,
         }
         point["profile_image"] = _profile_image(engine, make(), device, args.out, variant)
+        if args.trace:
+            feats, cid = make(), f"trace-{uuid.uuid4().hex}"
+            point["trace_image"] = _profile_image(engine, feats, device, args.out, f"{variant}_image", cid, True)
+            point["trace_repeat"] = _profile_image(engine, feats, device, args.out, f"{variant}_repeat", cid, True)
+            host = cProfile.Profile()
+            host.enable()
+            _first_token(engine, _image_input(engine, cid, feats), device)
+            host.disable()
+            text = io.StringIO()
+            pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(50)
+            (args.out / f"profile_prefill_{variant}_repeat_host.txt").write_text(text.getvalue())
         results["variants"][variant] = point
         print(variant, json.dumps({k: v for k, v in point.items() if k != "profile_image"}), flush=True)
         print(
