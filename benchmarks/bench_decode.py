@@ -33,7 +33,9 @@ from llm_setup import (
     write_json,
 )
 
-ENGINE_MODES = {"engine_graphs": False, "engine_eager": True}  # system name -> enforce_eager
+# system name -> (enforce_eager, skinny_gemm); engine_graphs_cublas: every projection on cuBLAS (the
+# Triton skinny GEMM off), for the A/B of layers/triton_skinny.py
+ENGINE_MODES = {"engine_graphs": (False, True), "engine_eager": (True, True), "engine_graphs_cublas": (False, False)}
 # HF's static cache without its automatic torch.compile: with it, our H100 saw a 40 s first call and
 # then 280 ms/token from recompiles (performance_anchors.md); the eager static cache measured 39.6 ms.
 HF_MODES = {"hf_dynamic": {}, "hf_static": {"cache_implementation": "static", "disable_compile": True}}
@@ -51,7 +53,8 @@ def bench_engine(models, mode: str, shapes, repeats: int, block_size: int, atten
         num_kv_blocks=-(-max_len // block_size) + 8,
         max_num_seqs=1,
         max_num_batched_tokens=max(i for i, _ in shapes),  # the prompt in one prefill step
-        enforce_eager=ENGINE_MODES[mode],
+        enforce_eager=ENGINE_MODES[mode][0],
+        skinny_gemm=ENGINE_MODES[mode][1],
         attention_backend=attention_backend,
     )
     rows = []
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--inputs", default=None, help="prompt lengths (default 128,1024; tiny 16,64)")
     parser.add_argument("--outputs", default=None, help="output lengths (default 128,512; tiny 8,16)")
-    parser.add_argument("--systems", default=",".join([*ENGINE_MODES, *HF_MODES]))
+    parser.add_argument("--systems", default=",".join(["engine_graphs", "engine_eager", *HF_MODES]))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per shape of our engine")
     parser.add_argument("--hf-repeats", type=int, default=1, help="timed runs per shape of each HF mode")
     parser.add_argument("--block-size", type=int, default=16)
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     for system in systems:
         if system in ENGINE_MODES:
-            if not ENGINE_MODES[system] and device.type != "cuda":
+            if not ENGINE_MODES[system][0] and device.type != "cuda":
                 notes.append(f"{system}: skipped, CUDA graphs need a CUDA device")
                 continue
             rows += bench_engine(models, system, shapes, args.repeats, args.block_size, args.attention_backend)

@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-wave", default=None, metavar="NxC",
                         help="also time a wave of N prompts of C tokens arriving together (e.g. 256x128)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--no-skinny-gemm", action="store_true", help="every projection on cuBLAS")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(tiny=args.tiny, device=args.device, dtype=dtype)
     engine = build_engine(
         models, max_num_seqs=max(batches + [wave_requests]), max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-        max_model_len=2048,
+        max_model_len=2048, skinny_gemm=not args.no_skinny_gemm,
     )
     results = {**environment(device), "dtype": str(dtype).removeprefix("torch."), "context": args.context, "attention_backend": engine.config.attention_backend,
                "cuda_graphs": engine.config.use_cuda_graphs, "points": []}

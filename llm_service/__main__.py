@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens; off with --enforce-eager)",
     )
     engine.add_argument(
+        "--no-skinny-gemm",
+        action="store_true",
+        help="always use cuBLAS for the projections (by default, on CUDA, inputs of at most 16 rows use a "
+        "Triton skinny GEMM for every weight shape where start-up timing measures it faster)",
+    )
+    engine.add_argument(
         "--engine-process",
         action="store_true",
         help="run the engine in its own process (spawned), so the gRPC threads and the engine loop "
@@ -170,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
         enforce_eager=args.enforce_eager,
         max_prefill_graph_tokens=args.max_prefill_graph_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
+        skinny_gemm=not args.no_skinny_gemm,
         engine_process=args.engine_process,
         embedding_cache_bytes=args.embedding_cache_bytes,
         accept_shared_memory=args.accept_shared_memory,

@@ -74,6 +74,7 @@ class LlmServiceConfig:
     engine_process: bool = False  # True: the EngineCore runs in its own process (ProcessEngineClient)
     max_prefill_graph_tokens: int = 2048  # prefill/mixed steps up to this many tokens replay piecewise graphs
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3 (saturating cast, scale 1.0)
+    skinny_gemm: bool = True  # CUDA: decode-sized GEMMs on the Triton kernel where measured faster
     embedding_cache_bytes: int = 2048 * MiB
     accept_shared_memory: bool = True
     encoder_address: str | None = None
@@ -167,6 +168,7 @@ class LlmServiceConfig:
             enforce_eager=True if self.enforce_eager else None,
             max_prefill_graph_tokens=self.max_prefill_graph_tokens,
             kv_cache_dtype=self.kv_cache_dtype,
+            skinny_gemm=self.skinny_gemm,
         )
 
 

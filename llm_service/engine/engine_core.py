@@ -83,6 +83,10 @@ class EngineConfig:
     # triton backend needs compute capability >= 8.9 for it. mllama's cross-attention K/V (per request,
     # not paged) stay in the model dtype. Calibrated scales are future work. See layers/attention.py.
     kv_cache_dtype: str = "auto"
+    # On CUDA, projections with at most 16 input rows (decode, short prefill tails) use the Triton
+    # skinny GEMM for each weight shape where start-up timing finds it faster than cuBLAS (see
+    # layers/triton_skinny.py); False: always cuBLAS.
+    skinny_gemm: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -304,6 +308,7 @@ class EngineCore:
             max_graph_batch_size=min(config.max_graph_batch_size, config.max_num_seqs),
             max_prefill_graph_tokens=min(config.max_prefill_graph_tokens, config.max_num_batched_tokens),
             kv_cache_dtype=config.kv_cache_torch_dtype,
+            skinny_gemm=config.skinny_gemm,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

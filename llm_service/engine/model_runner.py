@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,8 +21,12 @@ from llm_service.engine.outputs import CONTINUATION_TOKEN, ModelRunnerOutput, Sc
 from llm_service.engine.prefill_graphs import PrefillGraphs, supports_piecewise
 from llm_service.engine.request import Request
 from llm_service.layers.attention import AttentionMetadata, check_kv_cache_dtype, resolve_attention_backend
+from llm_service.layers.linear import Linear
 from llm_service.layers.sampler import PendingSample, SamplingBatch, SamplingRow, launch_sample, to_device
 from llm_service.models.mllama import CrossAttentionInputs, MllamaForCausalLM
+
+if TYPE_CHECKING:
+    from llm_service.layers.triton_skinny import SkinnyGemmPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +131,7 @@ class ModelRunner:
         max_graph_batch_size: int = 256,
         max_prefill_graph_tokens: int = 0,
         kv_cache_dtype: torch.dtype | None = None,
+        skinny_gemm: bool = False,
     ) -> None:
         self.model = model
         self.attention_backend = resolve_attention_backend(attention_backend, torch.device(device).type)
@@ -154,9 +161,30 @@ class ModelRunner:
         self.max_prefill_graph_tokens = max_prefill_graph_tokens
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.skinny_gemm: SkinnyGemmPolicy | None = None
+        if skinny_gemm and torch.device(device).type == "cuda":
+            self.enable_skinny_gemm()  # before capture: the graphs hold whichever kernel was chosen
         if cuda_graphs:
             self.enable_decode_graphs(capture=True)
             self.enable_prefill_graphs(capture=True)
+
+    @torch.inference_mode()
+    def enable_skinny_gemm(self) -> None:
+        """Time cuBLAS against the Triton skinny GEMM for each projection shape at decode-sized row
+        counts, and route each `Linear` to the faster one (see layers/triton_skinny.py)."""
+        from llm_service.layers.triton_skinny import SkinnyGemmPolicy
+
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        started = time.perf_counter()
+        policy = SkinnyGemmPolicy()
+        policy.calibrate([m.weight for m in linears])
+        for module in linears:
+            module.skinny_policy = policy
+        self.skinny_gemm = policy
+        logger.info(
+            "skinny GEMM calibrated in %.1f s: %d of %d (shape, row class) pairs use it",
+            time.perf_counter() - started, len(policy.chosen), len(policy.report),
+        )
 
     def enable_decode_graphs(self, *, capture: bool) -> None:
         """Serve decode-only steps from `DecodeGraphs`; `capture=False` runs the same padded static-buffer

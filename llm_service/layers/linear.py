@@ -1,12 +1,41 @@
-"""Fused projections: one GEMM in place of several HF Linear layers that read the same input."""
+"""The decoder's projections: `Linear` (decode-sized inputs may take the skinny GEMM kernel), and
+`MergedLinear`, one GEMM in place of several HF Linear layers that read the same input."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from llm_service.layers.triton_skinny import SkinnyGemmPolicy
 
-class MergedLinear(nn.Linear):
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) whose inputs of at most 16 rows go to the Triton
+    skinny GEMM where `skinny_policy` (set by the model runner after measuring, see triton_skinny.py)
+    says it beats cuBLAS for this weight shape; otherwise, and always off CUDA, `F.linear`."""
+
+    skinny_policy: SkinnyGemmPolicy | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        policy = self.skinny_policy
+        if (
+            policy is not None
+            and x.is_cuda
+            and x.dim() == 2
+            and x.stride(1) == 1
+            and policy.use(x.shape[0], self.out_features, self.in_features, x.dtype)
+        ):
+            from llm_service.layers.triton_skinny import skinny_matmul
+
+            return skinny_matmul(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """Several same-input HF projections stacked along the output dim (e.g. q/k/v, or gate/up).
 
     One launch instead of several, and a wider GEMM, which matters at small batch. `parts` maps the

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from llm_service.layers.attention import AttentionMetadata, paged_attention
-from llm_service.layers.linear import MergedLinear
+from llm_service.layers.linear import Linear, MergedLinear
 from llm_service.layers.norm import RMSNorm
 from llm_service.layers.rotary import RotaryEmbedding, rotary_and_write_kv
 
@@ -25,7 +25,7 @@ class LlamaMLP(nn.Module):
         hidden, inter = config.hidden_size, config.intermediate_size
         # HF's gate_proj and up_proj, one GEMM: [2 * I, H], gate rows first
         self.gate_up_proj = MergedLinear(hidden, {"gate_proj": inter, "up_proj": inter}, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
         self.is_silu = config.hidden_act == "silu"
 
@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # HF's q_proj, k_proj and v_proj, one GEMM: [(Hq + 2 * Hkv) * D, H], rows in that order
         self.qkv_proj = MergedLinear(hidden, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=o_bias)
+        self.o_proj = Linear(q_size, hidden, bias=o_bias)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [T, H] -> q: [T, Hq, D], k, v: [T, Hkv, D] (strided views of the fused output)
@@ -118,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         qkv_bias, o_bias = self._projection_biases(config)
         self.model = LlamaModel(config, qkv_bias, o_bias)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
