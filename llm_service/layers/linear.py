@@ -16,23 +16,23 @@ if TYPE_CHECKING:
 class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) whose inputs of at most 16 rows go to the Triton
     skinny GEMM where `skinny_policy` (set by the model runner after measuring, see triton_skinny.py)
-    says it beats cuBLAS for this weight shape; otherwise, and always off CUDA, `F.linear`."""
+    says it beats cuBLAS for this weight shape; otherwise, and always off CUDA, `F.linear`.
+
+    `residual` ([T, out_features]) is added to the output: in the skinny kernel's epilogue, else as
+    a separate add (rounded the same way: product, then sum)."""
 
     skinny_policy: SkinnyGemmPolicy | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         policy = self.skinny_policy
-        if (
-            policy is not None
-            and x.is_cuda
-            and x.dim() == 2
-            and x.stride(1) == 1
-            and policy.use(x.shape[0], self.out_features, self.in_features, x.dtype)
-        ):
-            from llm_service.layers.triton_skinny import skinny_matmul
+        if policy is not None and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
+            config = policy.config_for(x.shape[0], self.out_features, self.in_features, x.dtype)
+            if config is not None and (residual is None or residual.stride(-1) == 1):
+                from llm_service.layers.triton_skinny import skinny_matmul
 
-            return skinny_matmul(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+                return skinny_matmul(x, self.weight, self.bias, config, residual)
+        out = F.linear(x, self.weight, self.bias)
+        return out if residual is None else residual + out
 
 
 class MergedLinear(Linear):

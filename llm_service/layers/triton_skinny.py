@@ -12,20 +12,26 @@ once, whole K per program (no split, no reduce), with the x rows held in registe
 Accumulation is fp32 and the result rounds once to the model dtype, as cuBLAS does; only the order of
 the fp32 sum differs (so results match cuBLAS to rounding, not bit for bit).
 
-Whether a shape uses it is decided by measurement (`SkinnyGemmPolicy.calibrate`, at engine start on
-CUDA): for every weight shape of the model and both row classes (1, and 2..16), cuBLAS and this kernel
-are timed and the faster one is kept. So a GPU, shape or dtype where cuBLAS wins keeps cuBLAS.
+An optional `residual` [M, N] is added in the epilogue (the MLP's `x + down_proj(h)`: one kernel
+less per layer), rounded as the eager pair of ops rounds: the product to the model dtype, then the sum.
+
+Whether a shape uses it, and with which launch config, is decided by measurement
+(`SkinnyGemmPolicy.calibrate`, at engine start on CUDA): for every weight shape of the model and both
+row classes (1, and 2..16), one pass over all the model's weights of that shape (as a decode step
+reads them: from HBM, one after another) is timed with cuBLAS and with each candidate config, and the
+fastest is kept. So a GPU, shape or dtype where cuBLAS wins keeps cuBLAS.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
+
+from llm_service.layers.triton_ops import _round_to_model_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +40,19 @@ MAX_ROWS = 16  # the dot path's tile height; more rows go to cuBLAS
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr,
+    stride_xm, stride_wn, stride_rm, stride_om,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ONE_ROW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # out[M, N] = x[M, K] @ w[N, K]^T (+ b[N]); program i owns columns [i * BLOCK_N, (i + 1) * BLOCK_N)
+    # out[M, N] = x[M, K] @ w[N, K]^T (+ b[N]) (+ r[M, N]); program i owns columns [i * BLOCK_N, (i + 1) * BLOCK_N)
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns = weight rows
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols[:, None] * stride_wn  # [BLOCK_N, 1]
+    dtype = out_ptr.dtype.element_ty
     if ONE_ROW:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -57,7 +64,9 @@ def _skinny_kernel(
         out = tl.sum(acc, axis=1)  # [BLOCK_N]
         if HAS_BIAS:
             out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        if HAS_RESIDUAL:
+            out = _round_to_model_dtype(out, dtype) + tl.load(r_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + cols, _round_to_model_dtype(out, dtype).to(dtype), mask=col_ok)
     else:
         rows = tl.arange(0, 16)
         row_ok = rows < M
@@ -70,8 +79,12 @@ def _skinny_kernel(
             acc = tl.dot(x, tl.trans(w), acc)  # [16, BLOCK_K] @ [BLOCK_K, BLOCK_N]
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_RESIDUAL:
+            res = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+            acc = _round_to_model_dtype(acc, dtype) + res.to(tl.float32)
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out_ptrs, _round_to_model_dtype(acc, dtype).to(dtype), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -82,11 +95,12 @@ class SkinnyConfig:
     num_stages: int
 
 
-# Defaults from benchmarks/tune_skinny_gemm.py on an H100 (LLaVA-1.5-7B / Llama-7B shapes); any
-# other shape takes the row class's default. Calibration still decides whether a shape uses them.
-DEFAULT_CONFIGS = {
-    1: SkinnyConfig(block_n=8, block_k=512, num_warps=4, num_stages=4),
-    16: SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=4),
+# Candidate launch configs per row class, from benchmarks/tune_skinny_gemm.py on an H100 (Llama-7B
+# projection shapes): calibration times each on the model's own shapes. The first is the default of a
+# direct `skinny_matmul` call.
+CANDIDATES = {
+    1: (SkinnyConfig(4, 1024, 4, 3), SkinnyConfig(4, 512, 4, 3), SkinnyConfig(16, 1024, 8, 4)),
+    16: (SkinnyConfig(32, 256, 4, 5), SkinnyConfig(32, 256, 4, 4), SkinnyConfig(64, 256, 4, 5)),
 }
 
 
@@ -96,21 +110,27 @@ def row_class(num_rows: int) -> int:
 
 
 def skinny_matmul(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: SkinnyConfig | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x: [M, K] (M <= 16, unit stride along K), weight: [N, K] contiguous, bias: [N] or None ->
-    [M, N] in x's dtype."""
+    """x: [M, K] (M <= 16, unit stride along K), weight: [N, K] contiguous, bias: [N] or None,
+    residual: [M, N] (unit stride along N) or None -> x @ weight.T (+ bias) (+ residual): [M, N] in
+    x's dtype."""
     num_rows, k_dim = x.shape
     n_dim = weight.shape[0]
     assert 1 <= num_rows <= MAX_ROWS and weight.shape[1] == k_dim
     assert x.stride(1) == 1 and weight.is_contiguous() and (bias is None or bias.is_contiguous())
-    config = config or DEFAULT_CONFIGS[row_class(num_rows)]
+    assert residual is None or (residual.shape == (num_rows, n_dim) and residual.stride(1) == 1)
+    config = config or CANDIDATES[row_class(num_rows)][0]
     out = torch.empty(num_rows, n_dim, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(n_dim, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out,
+        x, weight, bias if bias is not None else weight, residual if residual is not None else out, out,
         num_rows, n_dim, k_dim,
-        x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, ONE_ROW=num_rows == 1,
+        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ONE_ROW=num_rows == 1,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -119,63 +139,66 @@ def skinny_matmul(
 
 @dataclass
 class SkinnyGemmPolicy:
-    """Which (row class, N, K, dtype) GEMMs run on `skinny_matmul`; everything else is cuBLAS.
+    """Which (row class, N, K, dtype) GEMMs run on `skinny_matmul`, and with which config; everything
+    else is cuBLAS. Empty (nothing skinny) until `calibrate` measures; `report` holds what it measured."""
 
-    Empty (nothing skinny) until `calibrate` measures; `report` holds what it measured (us)."""
-
-    chosen: set[tuple[int, int, int, torch.dtype]] = field(default_factory=set)
+    chosen: dict[tuple[int, int, int, torch.dtype], SkinnyConfig] = field(default_factory=dict)
     report: list[dict] = field(default_factory=list)
 
-    def use(self, num_rows: int, n_dim: int, k_dim: int, dtype: torch.dtype) -> bool:
-        return num_rows <= MAX_ROWS and (row_class(num_rows), n_dim, k_dim, dtype) in self.chosen
+    def config_for(self, num_rows: int, n_dim: int, k_dim: int, dtype: torch.dtype) -> SkinnyConfig | None:
+        """The config to run `num_rows` x [n_dim, k_dim] with, or None for cuBLAS."""
+        if num_rows > MAX_ROWS:
+            return None
+        return self.chosen.get((row_class(num_rows), n_dim, k_dim, dtype))
 
-    def calibrate(self, weights: list[torch.Tensor], *, iters: int = 30) -> None:
-        """Time cuBLAS and the skinny kernel for each distinct weight shape `[N, K]` (CUDA tensors) at
-        1 and 16 rows; keep the kernel where it is faster by more than 2%."""
-        seen = set()
+    def calibrate(self, weights: list[torch.Tensor], *, passes: int = 5) -> None:
+        """For each weight shape `[N, K]` (CUDA bf16/fp16 tensors) and 1 and 16 rows: time one pass over
+        all `weights` of that shape with cuBLAS and with each candidate config; keep the fastest
+        config where it beats cuBLAS by more than 2%."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
         for weight in weights:
-            key = (tuple(weight.shape), weight.dtype)
             if (
-                key in seen
-                or weight.dim() != 2
-                or not weight.is_cuda
-                or not weight.is_contiguous()
-                or weight.dtype not in (torch.bfloat16, torch.float16)  # fp32 would go through tf32 dots
+                weight.dim() == 2
+                and weight.is_cuda
+                and weight.is_contiguous()
+                and weight.dtype in (torch.bfloat16, torch.float16)  # fp32 would go through tf32 dots
             ):
-                continue
-            seen.add(key)
-            n_dim, k_dim = weight.shape
+                group = groups.setdefault((tuple(weight.shape), weight.dtype), [])
+                if all(w.data_ptr() != weight.data_ptr() for w in group):  # tied weights count once
+                    group.append(weight)
+        for ((n_dim, k_dim), dtype), group in groups.items():
             for rows in (1, MAX_ROWS):
-                x = torch.randn(rows, k_dim, device=weight.device, dtype=weight.dtype)
-                cublas_us = _time_us(functools.partial(torch.nn.functional.linear, x, weight), iters)
-                skinny_us = _time_us(functools.partial(skinny_matmul, x, weight), iters)
+                x = torch.randn(rows, k_dim, device=group[0].device, dtype=dtype)
+                cublas_us = _pass_us(lambda w, x=x: torch.nn.functional.linear(x, w), group, passes)
+                timed = [
+                    (_pass_us(lambda w, x=x, c=c: skinny_matmul(x, w, None, c), group, passes), c)
+                    for c in CANDIDATES[rows]
+                ]
+                skinny_us, config = min(timed, key=lambda t: t[0])
                 use = skinny_us < 0.98 * cublas_us
                 if use:
-                    self.chosen.add((rows, n_dim, k_dim, weight.dtype))
+                    self.chosen[(rows, n_dim, k_dim, dtype)] = config
                 self.report.append(
-                    {"rows": rows, "n": n_dim, "k": k_dim, "cublas_us": cublas_us, "skinny_us": skinny_us, "skinny": use}
+                    {"rows": rows, "n": n_dim, "k": k_dim, "weights": len(group), "cublas_us": cublas_us,
+                     "skinny_us": skinny_us, "config": config.__dict__, "skinny": use}
+                )  # fmt: skip
+                logger.info(
+                    "skinny GEMM %s for %2d x [%d, %d] (%d weights): cuBLAS %.1f us, Triton %.1f us (%s)",
+                    "on " if use else "off", rows, n_dim, k_dim, len(group), cublas_us, skinny_us, config,
                 )
-        for r in self.report:
-            logger.info(
-                "skinny GEMM %s for %2d x [%d, %d]: cuBLAS %.1f us, Triton %.1f us",
-                "on " if r["skinny"] else "off", r["rows"], r["n"], r["k"], r["cublas_us"], r["skinny_us"],
-            )
 
 
-def _time_us(fn, iters: int) -> float:
-    """Median time of one call (us), each timed with CUDA events after a warm-up (first compile), with
-    the L2 cache flushed before each: in a decode step every weight is read once, from HBM."""
-    for _ in range(3):
-        fn()
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the 50 MB L2 of an H100
-    times = []
-    for _ in range(iters):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+def _pass_us(fn, weights: list[torch.Tensor], passes: int) -> float:
+    """Mean time of `fn(w)` (us) over `passes` passes through `weights`, after a warm-up pass (first
+    compile). Only a group that does not fit in L2 (50 MB on an H100; any 7B layer group) measures
+    HBM reads, as a decode step sees them."""
+    for w in weights:
+        fn(w)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(passes):
+        for w in weights:
+            fn(w)
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (passes * len(weights))

@@ -29,13 +29,15 @@ class LlamaMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self.is_silu = config.hidden_act == "silu"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, H] -> down(act(gate) * up) [T, H], plus `residual` [T, H] when given (added by the
+        down projection's kernel where it can: see `Linear`)."""
         if x.is_cuda and self.is_silu and x.dim() == 2:  # one fused kernel for SiLU(gate) * up
             from llm_service.layers import triton_ops
 
-            return self.down_proj(triton_ops.silu_and_mul(self.gate_up_proj(x)))
+            return self.down_proj(triton_ops.silu_and_mul(self.gate_up_proj(x)), residual)
         gate, up = self.gate_up_proj.forward_split(x)  # [T, H] -> 2 x [T, I]
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(gate) * up, residual)
 
 
 class LlamaAttention(nn.Module):
@@ -87,7 +89,7 @@ class LlamaDecoderLayer(nn.Module):
         """The rest of the layer: x [T, H] residual stream, attn_out [T, Hq, D] or [T, H] -> x [T, H]."""
         attn_out = self.self_attn.o_proj(attn_out.reshape(x.shape[0], -1))
         h, x = self.post_attention_layernorm.add_and_norm(attn_out, x)  # x += attn_out; h = norm(x)
-        return x + self.mlp(h)
+        return self.mlp(h, residual=x)  # x + MLP(h)
 
 
 class LlamaModel(nn.Module):

@@ -36,22 +36,26 @@ def test_skinny_gemm_matches_reference_on_gpu(dtype):
 
 
 def test_skinny_gemm_calibration_routes_linear_layers():
-    """Calibration times both kernels for each shape and row class; a Linear then gives the same
-    result (to bf16 rounding) whichever kernel its policy picked, for 1, 5 and 16 rows, and cuBLAS
-    beyond 16."""
+    """Calibration times cuBLAS and every candidate for each shape and row class (a tied weight counts
+    once); a Linear then gives the same result (to bf16 rounding) whichever kernel its policy picked,
+    for 1, 5 and 16 rows and cuBLAS beyond, with and without a residual."""
     from llm_service.layers.linear import Linear
     from llm_service.layers.triton_skinny import SkinnyGemmPolicy
 
     torch.manual_seed(0)
-    layer = Linear(4096, 11008, bias=False).to("cuda", torch.bfloat16)
+    layers = [Linear(4096, 11008, bias=False).to("cuda", torch.bfloat16) for _ in range(4)]
     policy = SkinnyGemmPolicy()
-    policy.calibrate([layer.weight, layer.weight])  # a repeated shape is timed once
-    assert [(r["rows"], r["n"], r["k"]) for r in policy.report] == [(1, 11008, 4096), (16, 11008, 4096)]
+    policy.calibrate([layers[0].weight, *(layer.weight for layer in layers)])
+    assert [(r["rows"], r["n"], r["k"], r["weights"]) for r in policy.report] == [(1, 11008, 4096, 4), (16, 11008, 4096, 4)]
     assert all(r["cublas_us"] > 0 and r["skinny_us"] > 0 for r in policy.report)
+    layer = layers[0]
     layer.skinny_policy = policy
     for rows in (1, 5, 16, 17):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        residual = torch.randn(rows, 11008, device="cuda", dtype=torch.bfloat16)
         ref = torch.nn.functional.linear(x.float(), layer.weight.float())
         err = float((layer(x).float() - ref).abs().max() / ref.abs().max())
         assert err < 1e-2, (rows, err)
-    assert not policy.use(17, 11008, 4096, torch.bfloat16)
+        err = float((layer(x, residual).float() - ref - residual.float()).abs().max() / ref.abs().max())
+        assert err < 2e-2, (rows, err)
+    assert policy.config_for(17, 11008, 4096, torch.bfloat16) is None
