@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=2048, skinny_gemm=not args.no_skinny_gemm,
     )
     results = {**environment(device), "dtype": str(dtype).removeprefix("torch."), "context": args.context, "attention_backend": engine.config.attention_backend,
-               "cuda_graphs": engine.config.use_cuda_graphs, "points": []}
+               "cuda_graphs": engine.config.use_cuda_graphs, "points": [],
+               "skinny_gemm": engine.runner.skinny_gemm.report if engine.runner.skinny_gemm else None}
     try:
         if wave_requests:
             n, c = wave_requests, wave_context
