@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -38,6 +39,8 @@ from vlm_protocol.shared_memory import private_buffer
 
 if TYPE_CHECKING:
     from encoder_service.engines.compiled import CompileSettings
+
+logger = logging.getLogger(__name__)
 
 PROMPT_TABLE = "prompt_table"
 CROSS_ATTENTION = "cross_attention"
@@ -488,13 +491,39 @@ class SquareImageEngine(VisualEngine):
         """The image processor on `images` -> [n, 3, S, S]: uint8 before its rescale and normalize when
         the engine applies those (`pixel_normalization`), else the processor's float32 output."""
         if self.pixel_normalization is not None:
-            pixels = self.image_processor(
-                images=images, do_rescale=False, do_normalize=False, return_tensors="pt"
-            )["pixel_values"]
+            if self._at_native_size(images):
+                return _rgb_pixels(images)
+            pixels = self._resize_and_crop(images)
             if pixels.dtype == torch.uint8:
                 return pixels
             # not 8-bit after resize/crop (not seen for RGB input): the processor's own float path
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+    def _resize_and_crop(self, images: list[PIL.Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")[
+            "pixel_values"
+        ]
+
+    def _at_native_size(self, images: list[PIL.Image.Image]) -> bool:
+        """Whether the processor's resize and crop leave these images as they are, so their pixels can
+        be taken directly (`_rgb_pixels`: ~0.1 ms for 336x336, against ~1.5 ms through the processor's
+        PIL and numpy round trips). Only RGB images of exactly the crop size qualify, and only once the
+        processor has been seen to return such an image's bytes unchanged (checked on the first one,
+        per engine): resize settings that would still resample, or a processor that alters pixels,
+        keep every image on the processor path."""
+        side = self.image_size
+        if not all(im.mode == "RGB" and im.size == (side, side) for im in images):
+            return False
+        if self._native_size_exact is None:
+            probe = images[:1]
+            self._native_size_exact = bool(torch.equal(self._resize_and_crop(probe), _rgb_pixels(probe)))
+            logger.info(
+                "%s: %dx%d RGB images %s the image processor", self.family, side, side,
+                "skip" if self._native_size_exact else "go through",
+            )
+        return self._native_size_exact
+
+    _native_size_exact: bool | None = None  # see _at_native_size: None until the first such image
 
     def _prepare_pixel_values(self, pixel_values: torch.Tensor, media: MediaInput) -> PreparedInput:
         if pixel_values.ndim == 3:
@@ -503,6 +532,12 @@ class SquareImageEngine(VisualEngine):
         inputs.check_shape(pixel_values, "pixel_values", [None, 3, size, size], "[n, 3, H, W]")
         count = pixel_values.shape[0]
         return PreparedInput(self.family, "image", pixel_values, (1,) * count, (None,) * count)
+
+
+def _rgb_pixels(images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+    """RGB images of one size -> [n, 3, H, W] uint8 (channels first, as the processors return them)."""
+    stacked = np.stack([np.asarray(im) for im in images])  # [n, H, W, 3]
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
 def fixed_row_outputs(features: torch.Tensor, batch: Sequence[PreparedInput]) -> list[EncodedOutput]:

@@ -99,8 +99,8 @@ class SkinnyConfig:
 # projection shapes): calibration times each on the model's own shapes. The first is the default of a
 # direct `skinny_matmul` call.
 CANDIDATES = {
-    1: (SkinnyConfig(4, 1024, 4, 3), SkinnyConfig(4, 512, 4, 3), SkinnyConfig(16, 1024, 8, 4)),
-    16: (SkinnyConfig(32, 256, 4, 5), SkinnyConfig(32, 256, 4, 4), SkinnyConfig(64, 256, 4, 5)),
+    1: (SkinnyConfig(2, 1024, 4, 2), SkinnyConfig(2, 2048, 8, 3), SkinnyConfig(8, 2048, 4, 2)),
+    16: (SkinnyConfig(64, 256, 4, 5), SkinnyConfig(32, 256, 4, 5), SkinnyConfig(32, 128, 4, 4)),
 }
 
 
@@ -189,16 +189,23 @@ class SkinnyGemmPolicy:
 
 
 def _pass_us(fn, weights: list[torch.Tensor], passes: int) -> float:
-    """Mean time of `fn(w)` (us) over `passes` passes through `weights`, after a warm-up pass (first
-    compile). Only a group that does not fit in L2 (50 MB on an H100; any 7B layer group) measures
-    HBM reads, as a decode step sees them."""
+    """GPU time of one `fn(w)` (us, mean) in a CUDA graph of one pass through `weights`, replayed
+    `passes` times after a warm-up pass (first compile). The graph is how decode runs them, and it
+    keeps the timing off the host: a Triton launch from Python costs more host time (~30-50 us) than
+    a small GEMM takes on the GPU. Only a group larger than L2 (50 MB on an H100; any 7B layer group)
+    measures HBM reads, as a decode step sees them."""
     for w in weights:
         fn(w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(passes):
-        for w in weights:
-            fn(w)
+        graph.replay()
     end.record()
     end.synchronize()
     return 1e3 * start.elapsed_time(end) / (passes * len(weights))

@@ -135,3 +135,37 @@ def test_normalization_table_follows_hf_math():
     assert torch.equal(identity(pixels), pixels.float())
     with pytest.raises(ValueError, match="uint8"):
         normalization(pixels.float())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_native_size_images_skip_the_processor_with_the_same_pixels(tiny_checkpoint, family):
+    """An RGB image already at the crop size: the processor's resize and crop are the identity, so its
+    pixels are taken directly (after one check against the processor) and the tower batch is what
+    HF's processor gives. Other sizes go through the processor (VILA squares every image to the crop
+    size itself first, so all of its images take the direct path)."""
+    eng = load_visual_engine(tiny_checkpoint(family))
+    side = eng.image_size
+    native = [_image(side, side, 7), _image(side, side, 8)]
+    calls = []
+    resize_and_crop = eng._resize_and_crop
+    eng._resize_and_crop = lambda images: calls.append(len(images)) or resize_and_crop(images)
+    first = eng.preprocess(MediaInput(images=native[:1]))
+    both = eng.preprocess(MediaInput(images=native))
+    assert eng._native_size_exact is True and calls == [1]  # only the one-time check ran the processor
+    reference = _hf_pixel_values(family, tiny_checkpoint(family), native)
+    torch.testing.assert_close(eng._tower_batch([both]), reference, atol=1e-6, rtol=0)
+    assert torch.equal(first.pixel_values, both.pixel_values[:1]) and both.pixel_values.dtype == torch.uint8
+    eng.preprocess(MediaInput(images=[_image(side + 1, side, 9)]))  # not native: the processor...
+    assert calls == ([1] if family == "vila" else [1, 1])  # ...except VILA's, squared to the side first
+
+
+def test_native_size_fast_path_stays_off_when_the_processor_changes_pixels(tiny_checkpoint):
+    eng = load_visual_engine(tiny_checkpoint("llava"))
+    side = eng.image_size
+    resize_and_crop = eng._resize_and_crop
+    eng._resize_and_crop = lambda images: resize_and_crop(images) // 2  # a processor that is no identity
+    image = _image(side, side, 10)
+    for _ in range(2):
+        prepared = eng.preprocess(MediaInput(images=[image]))
+        assert eng._native_size_exact is False
+        assert torch.equal(prepared.pixel_values, resize_and_crop([image]) // 2)
