@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--image-rows", type=int, default=576)
     parser.add_argument(
-        "--variants", default="default", help="comma list: default, eager (enforce_eager), batched"
+        "--variants", default="default", help="comma list: default, eager (enforce_eager), batched, cublas (no skinny GEMM)"
     )
     parser.add_argument("--trace", action="store_true", help="also write Chrome traces of an image and a repeat "
                         "prefill, and a cProfile of a repeat")
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "default": {},
             "eager": {"enforce_eager": True},
             "batched": {"attention_backend": "batched"},
+            "cublas": {"skinny_gemm": False},
         }[variant]
         engine = EngineCore(
             EngineConfig(model_dir=args.model, device=args.device, num_kv_blocks=4096, **extra)
