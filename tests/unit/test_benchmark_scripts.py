@@ -66,6 +66,35 @@ def test_profile_prefill_smoke(scripts, tmp_path, tiny_checkpoint):
     assert point["profile_image"]["wall_ms_profiled"] > 0
 
 
+def test_profile_prefill_trace_smoke(scripts, tmp_path, tiny_checkpoint):
+    """--trace: Chrome traces of an image and a repeat prefill, and a cProfile of a repeat."""
+    assert scripts("profile_prefill").main([
+        "--model", str(tiny_checkpoint("llava")), "--device", "cpu", "--out", str(tmp_path), "--runs", "1",
+        "--image-rows", "16", "--trace",
+    ]) == 0
+    point = json.loads((tmp_path / "profile_prefill.json").read_text())["variants"]["default"]
+    assert point["trace_repeat"]["timing"]["cached_tokens"] > 0 == point["trace_image"]["timing"]["cached_tokens"]
+    for name in ("trace_prefill_default_image.json", "trace_prefill_default_repeat.json"):
+        assert json.loads((tmp_path / name).read_text())["traceEvents"], name
+    assert "cumulative" in (tmp_path / "profile_prefill_default_repeat_host.txt").read_text()
+
+
+def test_gpu_only_scripts_import_and_classify(scripts):
+    """What runs only on a GPU is at least importable here: the skinny GEMM tuner (its grid includes
+    every config the engine's calibration may pick) and the encoder kernel-profile classifier."""
+    from llm_service.layers.triton_skinny import CANDIDATES
+
+    tuner = scripts("tune_skinny_gemm")
+    for rows, configs in CANDIDATES.items():
+        assert set(configs) <= set(tuner.GRID[rows])
+    category = scripts("bench_encoder").kernel_category
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == "attention"
+    assert category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "gemm"
+    assert category("triton_poi_fused_mul_sigmoid_view_2") == "triton_fused"
+    assert category("void cudnn::engines_precompiled::nchwToNhwcKernel<...>") == "patch_conv"
+    assert category("Memcpy DtoD (Device -> Device)") == "copy"
+
+
 def test_profile_decode_step_with_a_prefill_wave_smoke(scripts, tmp_path):
     """Decode steps at a batch and a prefill wave of new prompts: every request of the wave gets its
     first token, over more than one step when the wave exceeds the step budget."""
