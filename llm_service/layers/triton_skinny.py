@@ -1,9 +1,11 @@
 """Skinny GEMM for decode-sized batches: `x @ W.T (+ b)` with at most 16 rows of `x` (Triton).
 
 Why: at batch 1 a 7B decode step is the weight read, and cuBLAS's kernels for M = 1 read it at
-~2.6 TB/s on an H100 (profile_b1_graph_kernels.txt: the gate/up GEMV 70.5 us for 180 MB), and for
-q/k/v and o it splits K and adds a reduce kernel per GEMM. This kernel streams each weight row block
-once, whole K per program (no split, no reduce), with the x rows held in registers:
+~2.5 TB/s on an H100 (benchmarks/results/profile_b1_graph_kernels_cublas.txt: the gate/up GEMV
+70.5 us for 180 MB), and for q/k/v and o it splits K and adds a reduce kernel per GEMM. This kernel
+streams each weight row block once, whole K per program (no split, no reduce), with the x rows held
+in registers (gate/up at 3.0 TB/s in skinny_gemm_tuning.json; batch-1 decode 5.99 -> 5.30 ms/token,
+decode_bs1.json):
 
 * one row (`M == 1`): a GEMV, products accumulated elementwise in a `[BLOCK_N, BLOCK_K]` fp32 tile
   and reduced once at the end;
