@@ -35,12 +35,16 @@ stream message (`GenerateResult.timings`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import random
 import shlex
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -292,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout-s", type=float, default=600.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="service logs (default: a temporary directory)")
     parser.add_argument("--keep-records", action="store_true", help="store every request's record in the JSON")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="sample both services with py-spy (on PATH) during the timed concurrency-1 runs of "
+                             "scenario 3; speedscope profiles go to DIR (where the service time goes that the "
+                             "engine alone does not show)")
     args = parser.parse_args(argv)
     concurrencies = _ints(args.concurrency or ("1,2" if args.tiny else "1,8,32,64"))
     outputs = _ints(args.outputs or ("4,8" if args.tiny else "16,128"))
@@ -367,9 +375,13 @@ def run(args, model_dir: Path, gpu: bool, concurrencies: list[int], outputs: lis
                     warm = [make_image(next(seed)) for _ in range(max(4, min(concurrency, num)))]
                     images = [make_image(next(seed)) for _ in range(num)]
                     bench.run(warm, question, min(max_tokens, 4), concurrency)  # warm-up, untimed
-                    run = bench.run(images, question, max_tokens, concurrency)
+                    sampling = args.py_spy is not None and concurrency == 1
+                    with py_spy(services, args.py_spy, f"c1_out{max_tokens}") if sampling else contextlib.nullcontext():
+                        run = bench.run(images, question, max_tokens, concurrency)
                     point = summarize_point(run, scenario="distinct images", concurrency=concurrency,
                                             max_tokens=max_tokens, keep_records=args.keep_records)
+                    if sampling:
+                        point["py_spy"] = str(args.py_spy)
                     scenario3["points"].append(point)
                     _print_point("s3", point)
                     _write(args.out / SCENARIO3_FILE, scenario3)
@@ -407,6 +419,36 @@ def run(args, model_dir: Path, gpu: bool, concurrencies: list[int], outputs: lis
     print_table(scenario3, scenario5)
     _save_plot(args.out / "scenario3_multimodal.png", scenario3, scenario5)
     return 0
+
+
+@contextlib.contextmanager
+def py_spy(services, out: Path, tag: str):
+    """Sample every service process with `py-spy record` (all threads, idle included, without pausing
+    the process) while the block runs; one speedscope file per service under `out`. The timings of
+    that run still carry the sampling's cost: the JSON says which points were sampled."""
+    binary = shutil.which("py-spy")
+    if binary is None:
+        raise SystemExit("--py-spy: no py-spy on PATH (pip install py-spy)")
+    out.mkdir(parents=True, exist_ok=True)
+    recorders = [
+        subprocess.Popen(
+            [binary, "record", "--pid", str(s.process.pid), "--rate", "1000", "--idle", "--threads", "--nonblocking",
+             "--format", "speedscope", "--output", str(out / f"{s.name}_{tag}.speedscope.json")],
+            stdout=subprocess.DEVNULL, stderr=open(out / f"{s.name}_{tag}.py-spy.log", "w"),  # noqa: SIM115
+        )
+        for s in services
+    ]
+    time.sleep(1.0)  # attached before the timed requests start
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for recorder in recorders:
+            try:
+                recorder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
 
 
 def _find(points: list[dict], concurrency: int, output: int) -> dict | None:

@@ -251,3 +251,12 @@ def test_encoder_benchmark_plan(scripts):
     for bad in ("turbo", "compiled@3"):
         with pytest.raises(ValueError):
             bench.parse_plan(bad, [64, 1], skip=set())
+
+
+def test_multimodal_py_spy_needs_the_binary(scripts, monkeypatch, tmp_path):
+    """--py-spy samples the services with the py-spy binary; without one the run stops with a clear
+    message before any timed request (the timings would otherwise be mislabelled as sampled)."""
+    bench = scripts("bench_multimodal")
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="no py-spy on PATH"), bench.py_spy([], tmp_path, "c1_out16"):
+        pass
