@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llm_service.layers.triton_skinny import CANDIDATES, SkinnyConfig, _pass_us, skinny_matmul
+from llm_service.layers.triton_skinny import CANDIDATES, SkinnyConfig, pass_time_us, skinny_matmul
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008), "lm_head": (32064, 4096)}
 GRID = {
@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             w = group[0]
             x = torch.randn(rows, w.shape[1], device=device, dtype=dtype)
             ref = F.linear(x.float(), w.float())
-            cublas = _pass_us(lambda w, x=x: F.linear(x, w), group, args.passes)
-            read = _pass_us(lambda w: w.sum(), group, args.passes)
+            cublas = pass_time_us(lambda w, x=x: F.linear(x, w), group, args.passes)
+            read = pass_time_us(lambda w: w.sum(), group, args.passes)
             point = {"rows": rows, "shape": name, "n": w.shape[0], "k": w.shape[1], "cublas_us": cublas,
                      "sum_us": read, "configs": []}
             for config in configs:
                 try:
                     out = skinny_matmul(x, w, None, config)
                     err = float((out.float() - ref).abs().max() / ref.abs().max())
-                    us = _pass_us(lambda w, x=x, c=config: skinny_matmul(x, w, None, c), group, args.passes)
+                    us = pass_time_us(lambda w, x=x, c=config: skinny_matmul(x, w, None, c), group, args.passes)
                 except Exception as exc:  # a config the compiler rejects (registers, shared memory)
                     point["configs"].append({"config": config.__dict__, "error": f"{type(exc).__name__}: {exc}"[:200]})
                     continue

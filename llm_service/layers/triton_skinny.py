@@ -171,9 +171,9 @@ class SkinnyGemmPolicy:
         for ((n_dim, k_dim), dtype), group in groups.items():
             for rows in (1, MAX_ROWS):
                 x = torch.randn(rows, k_dim, device=group[0].device, dtype=dtype)
-                cublas_us = _pass_us(lambda w, x=x: torch.nn.functional.linear(x, w), group, passes)
+                cublas_us = pass_time_us(lambda w, x=x: torch.nn.functional.linear(x, w), group, passes)
                 timed = [
-                    (_pass_us(lambda w, x=x, c=c: skinny_matmul(x, w, None, c), group, passes), c)
+                    (pass_time_us(lambda w, x=x, c=c: skinny_matmul(x, w, None, c), group, passes), c)
                     for c in CANDIDATES[rows]
                 ]
                 skinny_us, config = min(timed, key=lambda t: t[0])
@@ -190,7 +190,7 @@ class SkinnyGemmPolicy:
                 )
 
 
-def _pass_us(fn, weights: list[torch.Tensor], passes: int) -> float:
+def pass_time_us(fn, weights: list[torch.Tensor], passes: int) -> float:
     """GPU time of one `fn(w)` (us, mean) in a CUDA graph of one pass through `weights`, replayed
     `passes` times after a warm-up pass (first compile). The graph is how decode runs them, and it
     keeps the timing off the host: a Triton launch from Python costs more host time (~30-50 us) than
