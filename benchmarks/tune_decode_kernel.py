@@ -3,7 +3,10 @@ LLaVA-1.5-7B's decoder (32 heads, MHA, head dim 128, 16-token pages, bf16).
 
 Every config is checked against the batched SDPA path, then timed as a CUDA graph of 10 calls
 (launch overhead excluded, as in the engine's decode graphs); the effective bandwidth counts each
-attended K/V byte once. "default" is the shape `config_for` picks for the layout. Writes `decode_kernel_tuning.json` and prints the best config per layout.
+attended K/V byte once. "default" is the shape `config_for` picks for the layout. Both kernels are
+swept: the FMA one (`heads_per_program` heads per program) and the tensor-core one (`use_dot`). The
+default and the fastest few of each are timed again between decoder-sized GEMMs (`--beside-gemm`),
+since a hot GPU's lower clocks slow an instruction-heavy kernel more than a memory-bound one. Writes `decode_kernel_tuning.json` and prints the best config per layout.
 
     python benchmarks/tune_decode_kernel.py --out benchmarks/results
 """
@@ -57,6 +60,36 @@ def _graph_ms(fn, calls: int = 10, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _time_beside_gemm(rows: list[dict], default: dict, top: int, batch: int, inputs: tuple, kv_bytes: int, hidden: int) -> None:
+    """Adds `beside_gemm_ms` to the default row and the `top` fastest rows of each kernel: the kernel's
+    time in a graph that alternates it with a decoder layer's four projections at this batch (minus the
+    projections alone), which is how the engine's decode graph runs it."""
+    device, dtype = inputs[0].device, inputs[0].dtype
+    intermediate = 11008  # Vicuna-7B's MLP
+    x = torch.randn(batch, hidden, device=device, dtype=dtype)
+    h = torch.randn(batch, intermediate, device=device, dtype=dtype)
+    weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.01 for n, k in
+               ((3 * hidden, hidden), (hidden, hidden), (2 * intermediate, hidden), (hidden, intermediate))]
+
+    def gemms() -> None:
+        for w in weights:
+            torch.nn.functional.linear(x if w.shape[1] == hidden else h, w)
+
+    base = _graph_ms(gemms)
+    picked = [default]
+    for use_dot in (False, True):
+        picked += [r for r in rows if r["config"]["use_dot"] == use_dot][:top]
+    for row in {id(r): r for r in picked}.values():
+        config = DecodeKernelConfig(**row["config"])
+
+        def step(config=config) -> None:
+            gemms()
+            paged_decode_attention(*inputs, config)
+
+        row["beside_gemm_ms"] = max(_graph_ms(step) - base, 1e-6)
+        row["beside_gemm_gb_s"] = kv_bytes / row["beside_gemm_ms"] / 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -64,16 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page", type=int, default=16)
+    parser.add_argument("--layouts", default="", help=f"comma-separated subset of {','.join(LAYOUTS)}")
+    parser.add_argument("--only", choices=("fma", "dot"), help="sweep one kernel only")
+    parser.add_argument("--beside-gemm", type=int, default=3, metavar="N",
+                        help="also time the default and the N best configs of each kernel between decoder-sized "
+                             "GEMMs (as in a decode graph, where the GPU runs hot and the clocks lower)")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
     configs = [
         DecodeKernelConfig(block_n=b, heads_per_program=h, num_warps=w, num_stages=s)
         for b, h, w, s in itertools.product((16, 32, 64), (1, 2, 4, 8), (4, 8), (1, 2))
         if b * h <= 256
+    ] + [
+        DecodeKernelConfig(block_n=b, num_warps=w, num_stages=s, use_dot=True)
+        for b, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))
     ]
+    if args.only:
+        configs = [c for c in configs if c.use_dot == (args.only == "dot")]
+    layouts = {name: LAYOUTS[name] for name in (args.layouts.split(",") if args.layouts else LAYOUTS)}
     results = {"device": torch.cuda.get_device_name(), "heads": args.heads, "kv_heads": args.kv_heads,
                "head_dim": args.head_dim, "page": args.page, "layouts": {}}
-    for name, (batch, context) in LAYOUTS.items():
+    for name, (batch, context) in layouts.items():
         blocks_per_seq = -(-context // args.page)
         num_blocks = batch * blocks_per_seq + 1
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -102,12 +146,18 @@ def main(argv: list[str] | None = None) -> int:
                          "splits": num_splits_for(batch, args.heads, context, device, config)})
         rows.sort(key=lambda r: r["ms"])
         chosen = config_for(batch, args.heads).__dict__  # what the engine launches for this layout
-        default = next(r for r in rows if r["config"] == chosen)
+        default = next((r for r in rows if r["config"] == chosen), rows[0])
+        if args.beside_gemm:
+            _time_beside_gemm(rows, default, args.beside_gemm, batch, inputs, kv_bytes, args.heads * args.head_dim)
         results["layouts"][name] = {"batch": batch, "context": context, "kv_bytes": kv_bytes,
                                     "default": default, "best": rows[0], "all": rows}
         print(f"{name:<14} default {default['ms'] * 1e3:8.1f} us ({default['gb_s']:6.0f} GB/s)   best "
               f"{rows[0]['ms'] * 1e3:8.1f} us ({rows[0]['gb_s']:6.0f} GB/s) {rows[0]['config']} "
               f"err {rows[0]['max_abs_err']:.1e}", flush=True)
+        for row in rows:
+            if "beside_gemm_ms" in row:
+                print(f"    beside GEMMs {row['beside_gemm_ms'] * 1e3:8.1f} us ({row['beside_gemm_gb_s']:6.0f} GB/s) "
+                      f"alone {row['ms'] * 1e3:8.1f} us  {row['config']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_kernel_tuning.json").write_text(json.dumps(results, indent=2))
     return 0

@@ -12,6 +12,11 @@ each program derives its range from the sequence's real length on the device. Ev
 online-softmax partial (running max, sum of exponentials, unnormalised output) in fp32; a second
 kernel merges the partials. With a single split the first kernel writes the normalised output.
 
+Two kernels compute the same partials. The FMA kernel (`_decode_partial_kernel`) multiplies K and V
+tiles elementwise on the CUDA cores and sums across threads; the tensor-core kernel
+(`_decode_partial_dot_kernel`, `DecodeKernelConfig.use_dot`) takes one KV head per program with its
+GQA group's queries as the rows of a `tl.dot` tile.
+
 Cache dtype: the query's, or float8_e4m3fn (an fp8 KV cache, see attention.py): K/V tiles are loaded in
 the cache dtype (an fp8 cache halves the bytes this kernel reads, which dominate a large decode batch)
 and upcast to fp32, exactly, before the products; the softmax and accumulation stay in fp32 either
@@ -38,12 +43,15 @@ MAX_SPLITS = 16
 class DecodeKernelConfig:
     """Launch shape of the decode kernel. `heads_per_program` query heads share one program (their K/V
     rows are adjacent in the cache, so loads get wider); `block_n` keys per loop iteration;
-    `num_stages` > 1 software-pipelines the loop's loads."""
+    `num_stages` > 1 software-pipelines the loop's loads; `use_dot` picks the tensor-core kernel."""
 
     block_n: int = 64
     heads_per_program: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    # Tensor-core variant (`_decode_partial_dot_kernel`): a program covers one KV head and the query
+    # heads of its GQA group, and scores / weighted values are `tl.dot`s; `heads_per_program` is unused.
+    use_dot: bool = False
 
 
 DEFAULT_CONFIG = DecodeKernelConfig()
@@ -121,6 +129,74 @@ def _decode_partial_kernel(
         tl.store(sum_ptr + part, l_i)
 
 
+@triton.jit(do_not_specialize=["stride_ts", "num_heads", "num_splits"])
+def _decode_partial_dot_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
+    scale,
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ts,
+    stride_os, stride_oh,
+    num_heads, num_splits,
+    GQA_GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, DIRECT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The same partials as `_decode_partial_kernel`, with the products on tensor cores: one program per
+    (sequence, KV head, split); its `ROWS` (>= 16, the smallest `tl.dot` tile) rows are the group's query
+    heads repeated (row r is head `kv_head * GQA_GROUP + r % GQA_GROUP`), so no row is padding and the
+    first GQA_GROUP rows are stored. For MHA that computes one head 16 times over: the spare MMA work is
+    free in a kernel bound by reading the cache, and it replaces the elementwise products and the
+    cross-thread sums of the FMA kernel."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tl.arange(0, ROWS)
+    heads = kv_head * GQA_GROUP + r % GQA_GROUP  # [R] query heads, repeated to fill the tile
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK) * BLOCK
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=d_ok[None, :], other=0.0)  # [R, D]
+
+    m_i = tl.zeros([ROWS], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_P2], dtype=tl.float32)
+    for n0 in tl.range(start, end, BLOCK, num_stages=NUM_STAGES):
+        pos = n0 + tl.arange(0, BLOCK)  # [N] context positions
+        valid = pos < end
+        block = tl.load(tables_ptr + seq * stride_ts + pos // PAGE, mask=valid, other=0).to(tl.int64)
+        offset = (pos % PAGE).to(tl.int64)
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k_at = block * stride_kb + offset * stride_kt + kv_head * stride_kh  # [N]
+        k = tl.load(k_ptr + k_at[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]; fp8 exact
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [R, N] fp32
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [R]
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])  # [R, N]
+        v_at = block * stride_vb + offset * stride_vt + kv_head * stride_vh
+        v = tl.load(v_ptr + v_at[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)  # [R, D]
+        m_i = m_new
+
+    first = r < GQA_GROUP  # the other rows repeat these
+    if DIRECT:
+        out = acc / l_i[:, None]
+        out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=first[:, None] & d_ok[None, :])
+    else:
+        part = (seq * num_heads + heads) * num_splits + split  # [R]
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM_P2 + d[None, :], acc, mask=first[:, None])
+        tl.store(max_ptr + part, m_i, mask=first)
+        tl.store(sum_ptr + part, l_i, mask=first)
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     out_ptr, acc_ptr, max_ptr, sum_ptr,
@@ -151,11 +227,17 @@ def _num_sms(device_index: int | None) -> int:
 
 
 def num_splits_for(
-    num_seqs: int, num_heads: int, max_context: int, device: torch.device, config: DecodeKernelConfig = DEFAULT_CONFIG
+    num_seqs: int,
+    num_heads: int,
+    max_context: int,
+    device: torch.device,
+    config: DecodeKernelConfig = DEFAULT_CONFIG,
+    num_kv_heads: int | None = None,
 ) -> int:
     """Splits per sequence: enough programs to give every SM about two, never a split under `block_n`
     keys of the widest context, at most `MAX_SPLITS`. Depends on shapes only (graph-capturable)."""
-    programs = num_seqs * (num_heads // config.heads_per_program)
+    per_seq = (num_kv_heads or num_heads) if config.use_dot else num_heads // config.heads_per_program
+    programs = num_seqs * per_seq
     want = -(-2 * _num_sms(device.index) // programs)
     return max(1, min(want, MAX_SPLITS, -(-max_context // config.block_n)))
 
@@ -179,15 +261,15 @@ def paged_decode_attention(
     config = config or config_for(num_seqs, num_heads)
     heads_per_program = config.heads_per_program if num_heads % config.heads_per_program == 0 else 1
     out = torch.empty_like(query)
-    splits = num_splits_for(num_seqs, num_heads, block_tables.shape[1] * page, query.device, config)
-    head_dim_p2 = triton.next_power_of_2(head_dim)
+    splits = num_splits_for(num_seqs, num_heads, block_tables.shape[1] * page, query.device, config, num_kv_heads)
+    head_dim_p2 = max(16, triton.next_power_of_2(head_dim))  # 16: the smallest tl.dot operand
     if splits > 1:
         acc = torch.empty(num_seqs, num_heads, splits, head_dim_p2, dtype=torch.float32, device=query.device)
         row_max = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
         row_sum = torch.empty_like(row_max)
     else:
         acc = row_max = row_sum = out  # unused: the kernel writes `out` directly
-    _decode_partial_kernel[(num_seqs, num_heads // heads_per_program, splits)](
+    args = (
         query, k_cache, v_cache, block_tables, seq_lens, out, acc, row_max, row_sum,
         scale,
         query.stride(0), query.stride(1),
@@ -196,10 +278,17 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_heads, splits,
-        GQA_GROUP=num_heads // num_kv_heads, PAGE=page, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
-        HEADS=heads_per_program, BLOCK=config.block_n, NUM_STAGES=config.num_stages, DIRECT=splits == 1,
-        num_warps=config.num_warps,
     )
+    shape = dict(
+        GQA_GROUP=num_heads // num_kv_heads, PAGE=page, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
+        BLOCK=config.block_n, NUM_STAGES=config.num_stages, DIRECT=splits == 1, num_warps=config.num_warps,
+    )
+    if config.use_dot:
+        rows = max(16, triton.next_power_of_2(num_heads // num_kv_heads))
+        precision = "ieee" if query.dtype == torch.float32 else "tf32"  # fp32 models keep fp32 products
+        _decode_partial_dot_kernel[(num_seqs, num_kv_heads, splits)](*args, ROWS=rows, DOT_PRECISION=precision, **shape)
+    else:
+        _decode_partial_kernel[(num_seqs, num_heads // heads_per_program, splits)](*args, HEADS=heads_per_program, **shape)
     if splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
             out, acc, row_max, row_sum,

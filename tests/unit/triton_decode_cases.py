@@ -30,12 +30,14 @@ from llm_service.layers.triton_decode import (
 from tests.unit.test_paged_attention import _layout
 
 # launch shapes: the default, several heads per program (with GQA groups split across or inside a
-# program), small key blocks with a pipelined loop
+# program), small key blocks with a pipelined loop, and the tensor-core kernel
 CONFIGS = [
     DecodeKernelConfig(),
     config_for(256, 32),
     DecodeKernelConfig(block_n=32, heads_per_program=2, num_stages=2),
     DecodeKernelConfig(block_n=16, heads_per_program=4, num_warps=8),
+    DecodeKernelConfig(use_dot=True),  # the tensor-core kernel
+    DecodeKernelConfig(block_n=16, num_stages=2, use_dot=True),
 ]
 # (num_heads, num_kv_heads, head_dim, decode_share): MHA, GQA, MQA, a head dim that is not a power of two
 LAYOUTS = [(4, 4, 8, 1.0), (8, 2, 16, 1.0), (4, 1, 8, 0.5), (6, 3, 24, 0.5)]
@@ -81,18 +83,23 @@ def _check_layouts(
 
 
 def _check_splits(
-    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float, configs=tuple(CONFIGS)
+    device: torch.device,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    tolerance: float,
+    configs=tuple(CONFIGS),
+    num_kv_heads: int = 2,
+    contexts=([1], [1100], [1, 37, 700, 64], [2000]),
 ) -> list[str]:
     """The split-KV merge: one long context (many splits), a 1-token context, a table wider than needed
-    (the width a CUDA graph captures) and contexts of very different lengths in one batch."""
+    (the width a CUDA graph captures) and contexts of very different lengths in one batch; 4 query heads
+    over `num_kv_heads`."""
     failures = []
     torch.manual_seed(0)
-    page, num_blocks, num_heads, num_kv_heads, head_dim = 16, 160, 4, 2, 32
+    page, num_blocks, num_heads, head_dim = 16, 160, 4, 32
     k_cache = to_cache_dtype(torch.randn(num_blocks, page, num_kv_heads, head_dim), kv_dtype).to(device)
     v_cache = to_cache_dtype(torch.randn(num_blocks, page, num_kv_heads, head_dim), kv_dtype).to(device)
-    for (seq_lens, config) in [
-        (lens, config) for lens in ([1], [1100], [1, 37, 700, 64], [2000]) for config in configs
-    ]:
+    for (seq_lens, config) in [(lens, config) for lens in contexts for config in configs]:
         width = max(-(-n // page) for n in seq_lens) + 5  # wider than the longest context needs
         tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in seq_lens]).to(device)
         lens = torch.tensor(seq_lens, device=device)
@@ -106,7 +113,9 @@ def _check_splits(
         truth = paged_attention_reference(query.double(), k_cache.double(), v_cache.double(), meta, 0.2)
         err = _relative_error(out, truth)
         if not err <= tolerance:
-            failures.append(f"seq_lens {seq_lens} ({splits} splits, {config}): rel err {err:.2e}")
+            failures.append(
+                f"seq_lens {seq_lens} heads {num_heads}/{num_kv_heads} ({splits} splits, {config}): rel err {err:.2e}"
+            )
     return failures
 
 
@@ -123,16 +132,24 @@ def run_all(
     tolerance = 2e-6 if dtype == torch.float32 else 2e-2
     dev = torch.device(device)
     kv_dtype = kv_dtype or dtype
+    # the tensor-core kernel's row tile repeats the GQA group: MHA and MQA too
+    dot_configs = [c for c in configs if c.use_dot]
+    other_groups = [
+        failure
+        for num_kv_heads in (1, 4)
+        for failure in _check_splits(dev, dtype, kv_dtype, tolerance, dot_configs, num_kv_heads, ([1, 37, 700, 64],))
+    ]
     return _check_layouts(dev, dtype, kv_dtype, tolerance, seeds) + _check_splits(
         dev, dtype, kv_dtype, tolerance, configs
-    )
+    ) + other_groups
 
 
 if __name__ == "__main__":
     problems = run_all()
     # an fp8 KV cache: the kernels load float8_e4m3fn and upcast (the interpreter's fp8 -> fp32 is exact)
-    # (two launch shapes for the split cases, the default and the production one: the interpreter is slow)
-    fp8 = run_all(seeds=range(2), kv_dtype=torch.float8_e4m3fn, configs=CONFIGS[:2])
+    # (three launch shapes for the split cases, the default, the production one and the tensor-core one:
+    # the interpreter is slow)
+    fp8 = run_all(seeds=range(2), kv_dtype=torch.float8_e4m3fn, configs=(*CONFIGS[:2], CONFIGS[4]))
     problems += [f"fp8 cache: {p}" for p in fp8]
     print("\n".join(problems) or "all triton decode cases match the reference")
     sys.exit(1 if problems else 0)
