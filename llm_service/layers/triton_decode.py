@@ -57,12 +57,13 @@ class DecodeKernelConfig:
 DEFAULT_CONFIG = DecodeKernelConfig()
 
 
-def config_for(num_seqs: int, num_heads: int) -> DecodeKernelConfig:
+def config_for(num_seqs: int, num_heads: int, num_kv_heads: int | None = None) -> DecodeKernelConfig:
     """The launch shape measured best on an H100 (benchmarks/tune_decode_kernel.py, LLaVA-1.5-7B's
-    32 heads x 128, bf16): two heads per program everywhere; the pipelined loop only once there are
-    enough programs to hide its latency (it costs 17-31% at batch 1, gains 3-16% at batch 64-256).
-    Within 10% of each layout's best of 44 shapes."""
-    return DecodeKernelConfig(block_n=64, heads_per_program=2, num_warps=4, num_stages=2 if num_seqs * num_heads >= 1024 else 1)
+    32 heads x 128, bf16): the tensor-core kernel with 128-key tiles on 4 warps, beating the best FMA
+    shape by 8-18% at batch 1, 64 and 256 (results/decode_kernel_tuning.json); the pipelined loop only
+    once there are enough programs to hide its latency."""
+    programs = num_seqs * (num_kv_heads or num_heads)
+    return DecodeKernelConfig(block_n=128, num_warps=4, num_stages=2 if programs >= 1024 else 1, use_dot=True)
 
 
 # Table width and split count vary between eager steps: one compiled kernel for all of them (see
@@ -258,7 +259,7 @@ def paged_decode_attention(
     assert query.stride(2) == 1 and block_tables.stride(1) == 1
     assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
     assert k_cache.dtype in (query.dtype, torch.float8_e4m3fn), (k_cache.dtype, query.dtype)
-    config = config or config_for(num_seqs, num_heads)
+    config = config or config_for(num_seqs, num_heads, num_kv_heads)
     heads_per_program = config.heads_per_program if num_heads % config.heads_per_program == 0 else 1
     out = torch.empty_like(query)
     splits = num_splits_for(num_seqs, num_heads, block_tables.shape[1] * page, query.device, config, num_kv_heads)
