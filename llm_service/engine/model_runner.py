@@ -18,6 +18,7 @@ from torch import nn
 
 from llm_service.engine.cuda_graphs import DecodeGraphs
 from llm_service.engine.outputs import CONTINUATION_TOKEN, ModelRunnerOutput, SchedulerOutput
+from llm_service.engine.pinned_upload import PinnedUploader
 from llm_service.engine.prefill_graphs import PrefillGraphs, supports_piecewise
 from llm_service.engine.request import Request
 from llm_service.layers.attention import AttentionMetadata, check_kv_cache_dtype, resolve_attention_backend
@@ -155,6 +156,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self._prompt_tables: dict[str, dict[str, torch.Tensor]] = {}
+        self._uploader = PinnedUploader(device)  # prompt tables: host -> device through a kept pinned buffer
         self._cross: dict[str, _CrossState] = {}
         self.max_model_len = max_model_len
         self.max_graph_batch_size = max_graph_batch_size
@@ -403,7 +405,7 @@ class ModelRunner:
                     raise RuntimeError(f"request {chunk.request_id}: no embedding held for {span.content_id}")
                 table = tables[span.content_id]
                 if table.device != embeds.device or table.dtype != embeds.dtype:
-                    table = tables[span.content_id] = to_device(table.to(embeds.dtype), embeds.device)
+                    table = tables[span.content_id] = self._uploader.upload(table.to(embeds.dtype))
                 embeds[dst : dst + hi - lo] = table[lo:hi]
 
     def _cross_inputs(self, chunks, positions: torch.Tensor, meta: AttentionMetadata) -> CrossAttentionInputs | None:
