@@ -12,8 +12,6 @@ Small tensors keep `sampler.to_device` (the allocator's cache serves their size 
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from llm_service.layers.sampler import to_device
@@ -48,9 +46,7 @@ class PinnedUploader:
             self._buffer = None  # free the old buffer before pinning the larger one
             self._buffer = torch.empty(1 << (nbytes - 1).bit_length(), dtype=torch.uint8, pin_memory=True)
         staged = self._buffer[:nbytes].view(t.dtype).view(t.shape)
-        # One thread, GIL released: torch's CPU copy fans out to its OpenMP pool, whose barrier waits for
-        # every worker to be scheduled, a stall on a host whose cores the services share
-        ctypes.memmove(staged.data_ptr(), t.data_ptr(), nbytes)
+        staged.copy_(t)
         out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
         out.copy_(staged, non_blocking=True)
         self._copied = torch.cuda.Event()
