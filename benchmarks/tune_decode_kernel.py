@@ -60,6 +60,18 @@ def _graph_ms(fn, calls: int = 10, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def sweep_configs() -> list[DecodeKernelConfig]:
+    """The FMA kernel's 44 launch shapes and the tensor-core kernel's 18."""
+    return [
+        DecodeKernelConfig(block_n=b, heads_per_program=h, num_warps=w, num_stages=s)
+        for b, h, w, s in itertools.product((16, 32, 64), (1, 2, 4, 8), (4, 8), (1, 2))
+        if b * h <= 256
+    ] + [
+        DecodeKernelConfig(block_n=b, num_warps=w, num_stages=s, use_dot=True)
+        for b, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))
+    ]
+
+
 def _time_beside_gemm(rows: list[dict], default: dict, top: int, batch: int, inputs: tuple, kv_bytes: int, hidden: int) -> None:
     """Adds `beside_gemm_ms` to the default row and the `top` fastest rows of each kernel: the kernel's
     time in a graph that alternates it with a decoder layer's four projections at this batch (minus the
@@ -104,14 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                              "GEMMs (as in a decode graph, where the GPU runs hot and the clocks lower)")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
-    configs = [
-        DecodeKernelConfig(block_n=b, heads_per_program=h, num_warps=w, num_stages=s)
-        for b, h, w, s in itertools.product((16, 32, 64), (1, 2, 4, 8), (4, 8), (1, 2))
-        if b * h <= 256
-    ] + [
-        DecodeKernelConfig(block_n=b, num_warps=w, num_stages=s, use_dot=True)
-        for b, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))
-    ]
+    configs = sweep_configs()
     if args.only:
         configs = [c for c in configs if c.use_dot == (args.only == "dot")]
     layouts = {name: LAYOUTS[name] for name in (args.layouts.split(",") if args.layouts else LAYOUTS)}

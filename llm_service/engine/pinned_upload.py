@@ -1,11 +1,17 @@
 """Host-to-device copies of large host tensors (image prompt tables) through one pinned buffer we keep.
 
-Why: `Tensor.pin_memory()` per upload goes through torch's caching host allocator. Inside the LLM
-service on an H100 host that cost ~5.8 ms of the engine thread per 4.7 MB LLaVA image embedding
-(py-spy of the c=1 image benchmark, session 7: the whole gap between the service's prefill and the
-engine alone), while copying into a pinned buffer that already exists took ~0.1 ms. Here one buffer,
-grown to the largest table seen (powers of two), stages every upload; the next upload first waits for
-the previous copy to finish reading it (an event, long complete in practice: a prefill runs between).
+Why: `Tensor.pin_memory()` per upload depends on torch's caching host allocator finding a free block of
+the size class; a standalone probe on the H100 host (results/profile_host_upload.json) took 1.8 ms
+median (5.9 ms worst) per 4.7 MB LLaVA embedding that way, against 0.09 ms copying into a pinned
+buffer that already exists. Here one buffer, grown to the largest table seen (powers of two), stages
+every upload; the next upload first waits for the previous copy to finish reading it (an event, long
+complete in practice: a prefill runs between).
+
+Measured limit (session 7, py-spy of the c=1 image benchmark): inside the LLM service the engine
+thread still spends ~5.6 ms per image in the host copy into the staging buffer (it spent ~5.8 ms in
+`pin_memory()` before), so the service's ~6 ms prefill gap over the engine alone is that host copy
+of the shared-memory read's private buffer, not the allocator; why it is 60x slower there than in the
+probe is not yet known (see the session note).
 
 Small tensors keep `sampler.to_device` (the allocator's cache serves their size classes well).
 """

@@ -93,6 +93,12 @@ def test_gpu_only_scripts_import_and_classify(scripts):
     assert category("triton_poi_fused_mul_sigmoid_view_2") == "triton_fused"
     assert category("void cudnn::engines_precompiled::nchwToNhwcKernel<...>") == "patch_conv"
     assert category("Memcpy DtoD (Device -> Device)") == "copy"
+    assert callable(scripts("profile_host_upload").main)
+    # the decode-kernel sweep covers the launch shape the engine picks at every batch
+    from llm_service.layers.triton_decode import config_for
+
+    swept = scripts("tune_decode_kernel").sweep_configs()
+    assert all(config_for(b, 32) in swept for b in (1, 8, 64, 256))
 
 
 def test_profile_decode_step_with_a_prefill_wave_smoke(scripts, tmp_path):
@@ -260,3 +266,20 @@ def test_multimodal_py_spy_needs_the_binary(scripts, monkeypatch, tmp_path):
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="no py-spy on PATH"), bench.py_spy([], tmp_path, "c1_out16"):
         pass
+
+
+def test_pyspy_top_ranks_busy_stack_tails(scripts, tmp_path):
+    frames = [{"name": n, "line": i} for i, n in enumerate(["run", "step", "copy", "EpollSelector.select", "wait"])]
+    profile = {
+        "shared": {"frames": frames},
+        "profiles": [
+            {"name": "Thread 1 engine", "samples": [[0, 1, 2], [0, 1, 2], [0, 1], [0, 3]], "weights": [0.5, 0.25, 0.5, 2.0]},
+            {"name": "Thread 2 main", "samples": [[0, 4]], "weights": [1.0]},
+        ],
+    }
+    path = tmp_path / "p.speedscope.json"
+    path.write_text(json.dumps(profile))
+    (engine,) = scripts("pyspy_top").top_stacks(path, thread="engine", depth=2)
+    assert engine["seconds"] == 3.25 and engine["busy_seconds"] == 1.25  # the epoll wait is idle
+    assert engine["stacks"] == [("step:1 > copy:2", 0.75), ("run:0 > step:1", 0.5)]
+    assert [e["thread"] for e in scripts("pyspy_top").top_stacks(path)] == ["Thread 1 engine", "Thread 2 main"]
