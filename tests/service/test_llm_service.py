@@ -792,6 +792,7 @@ def test_cli_serves_and_drains_on_sigterm(llava, extra_flags):
 @pytest.fixture(scope="module")
 def process_engine(llava):
     engine = ProcessEngineClient(_config(llava[0], engine_process=True).engine_config())
+    engine._stager.min_bytes = 0  # the tiny model's embeddings take the shared-memory ring too
     yield engine
     engine.shutdown()
     assert not engine.process.is_alive()
@@ -848,6 +849,8 @@ def test_engine_process_serves_the_same_tokens_as_the_in_process_engine(llava, e
         assert got == expected
         assert got[1][0] == ref_a.output_token_ids and got[1][4] == ref_a.output_token_ids
         assert len(got[0][0]) == 12 and got[0][1]
+        # the image's embedding crossed through the frontend's ring, and every slot was released
+        assert process_engine._stager.staged >= 2 and process_engine._stager.unread == 0
 
     asyncio.run(scenario())
 
