@@ -72,6 +72,7 @@ STATE_WRITING = 1
 STATE_PUBLISHED = 2
 _HEADER = struct.Struct("<8sQQQ")  # magic, state, generation, length
 _STATE_OFFSET = 8  # byte offset of `state` within the header
+_PAGE_BYTES = 4096
 _ORPHAN_MIN_AGE_S = 60.0  # a region this young may belong to a writer that has not locked it yet
 
 
@@ -258,6 +259,15 @@ class SharedMemoryRing:
         with self.slot(source.nbytes, keep=keep) as (slice_, view):
             view[:] = source
         return slice_
+
+    def prefault(self) -> None:
+        """Map every page of the region into this process now (one write per page), so that the first
+        pass of slots does not pay a page fault per 4 KiB (~1,150 per 4.7 MB embedding). Only before the
+        first slot: it writes zeros."""
+        with self._lock:
+            if self._live or self._closed:
+                raise ValueError("prefault() is for a fresh ring, before any slot")
+            self._view[::_PAGE_BYTES] = bytes(len(range(0, self.size_bytes, _PAGE_BYTES)))
 
     def close(self) -> None:
         """Unlink the region and unmap it. Idempotent. Readers that mapped it keep their mapping.
@@ -507,6 +517,18 @@ class SharedMemoryReader:
                     f"{field}: the shared-memory slot was reused while it was read; resend the embedding bytes"
                 )
             return data
+
+    def prefault(self, region: str) -> None:
+        """Map `region` now and touch every page (one read per page), so that first reads of its slots
+        do not page-fault. Raises as `read` does for a region that cannot be opened."""
+        if not is_region_name(region):
+            raise InvalidArgumentError(f"{region[:80]!r} is not a shared-memory region name of this system")
+        with self._lock:
+            view = memoryview(self._mapping(region).region)
+            try:
+                bytes(view[::_PAGE_BYTES])
+            finally:
+                view.release()
 
     def close(self) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from llm_service.engine.async_engine import _Collector, stream_outputs
-from llm_service.engine.staged_embeddings import StagedTensor, unstage
+from llm_service.engine.staged_embeddings import unstage
 from vlm_protocol.errors import (
     InternalError,
     InvalidArgumentError,
@@ -97,9 +97,9 @@ def _engine_main(
     commands: Connection,
     events: Connection,
     log_level: int,
-    shm_directory: str | None = None,
+    ring: tuple[str, str] | None = None,
 ) -> None:
-    """Entry point of the engine process. `shm_directory`: where the frontend's ring lives."""
+    """Entry point of the engine process. `ring`: (directory, region name) of the frontend's ring."""
     # Ctrl-C in a terminal reaches the whole process group: the frontend drains and then stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=_LOG_FORMAT)
@@ -119,31 +119,32 @@ def _engine_main(
 
         core = EngineCore(config) if core_factory is None else core_factory(config)
         description = describe_model(core, config.model_dir)
+        reader = None
+        if ring is not None:
+            reader = SharedMemoryReader(directory=ring[0])
+            reader.prefault(ring[1])
     except BaseException as exc:
         logger.exception("the engine could not start")
         send(("start_failed", _portable(exc)))
         return
     send(("ready", description))
     try:
-        _serve(core, commands, send, shm_directory)
+        _serve(core, commands, send, reader)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.warning("the frontend went away; the engine process exits")  # it died: do not linger
 
 
 def _serve(
-    core: EngineCore, commands: Connection, send: Callable[[tuple], None], shm_directory: str | None = None
+    core: EngineCore, commands: Connection, send: Callable[[tuple], None], reader: SharedMemoryReader | None = None
 ) -> None:
     live: set[str] = set()
-    reader = None  # of the frontend's ring, opened at the first staged tensor
 
     def apply(message: tuple) -> bool:
-        nonlocal reader
         kind = message[0]
         if kind == "add":
             inp = message[1]
             try:
-                if any(isinstance(e.features, StagedTensor) for e in inp.embeddings):
-                    reader = reader or SharedMemoryReader(directory=shm_directory)
+                if reader is not None:
                     inp = unstage(inp, reader)
                 core.add_request(inp)
             except Exception as exc:  # noqa: BLE001 - handed to the caller of generate()
@@ -232,7 +233,7 @@ class ProcessEngineClient:
             target=_engine_main,
             args=(
                 config, core_factory, commands_out, events_in, logging.getLogger().getEffectiveLevel(),
-                None if self._stager is None else str(self._stager.ring.directory),
+                None if self._stager is None else (str(self._stager.ring.directory), self._stager.ring.name),
             ),
             name="llm-engine",
             daemon=True,  # never outlives the frontend's interpreter
@@ -526,7 +527,9 @@ def _make_stager(shared_memory_mb: int):
     from vlm_protocol.shared_memory import SharedMemoryRing
 
     try:
-        return EmbeddingStager(SharedMemoryRing(shared_memory_mb << 20))
+        ring = SharedMemoryRing(shared_memory_mb << 20)
+        ring.prefault()  # ~0.1 s per 256 MiB at start-up, not a fault per 4 KiB in the first requests
+        return EmbeddingStager(ring)
     except (SharedMemoryUnavailableError, OSError) as exc:
         logger.warning(
             "engine process: no %d MiB shared-memory ring (%s); embeddings go through the pipe "

@@ -283,3 +283,12 @@ def test_pyspy_top_ranks_busy_stack_tails(scripts, tmp_path):
     assert engine["seconds"] == 3.25 and engine["busy_seconds"] == 1.25  # the epoll wait is idle
     assert engine["stacks"] == [("step:1 > copy:2", 0.75), ("run:0 > step:1", 0.5)]
     assert [e["thread"] for e in scripts("pyspy_top").top_stacks(path)] == ["Thread 1 engine", "Thread 2 main"]
+
+
+def test_engine_process_transport_profile_smoke(scripts, tmp_path):
+    assert scripts("profile_engine_process_transport").main([
+        "--out", str(tmp_path), "--ring-mb", "0,16", "--requests", "4", "--workdir", str(tmp_path),
+    ]) == 0
+    points = json.loads((tmp_path / "engine_process_transport.json").read_text())["points"]
+    assert [(p["ring_mb"], p["staged_tensors"]) for p in points] == [(0, 0), (16, 4)]
+    assert all(p["median_ms"] > 0 for p in points)

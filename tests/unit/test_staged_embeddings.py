@@ -65,3 +65,19 @@ def test_unread_slots_are_kept_and_a_full_ring_uses_the_pipe(ring_and_reader):
     assert isinstance(fourth.embeddings[0].features, StagedTensor)
     assert torch.equal(unstage(second, reader).embeddings[0].features, tensors[1])
     assert torch.equal(unstage(fourth, reader).embeddings[0].features, tensors[2])
+
+
+def test_prefault_maps_a_fresh_ring_on_both_sides(tmp_path):
+    ring = SharedMemoryRing(64 << 10, directory=tmp_path)
+    reader = SharedMemoryReader(directory=tmp_path)
+    ring.prefault()
+    reader.prefault(ring.name)
+    assert reader.open_regions == (ring.name,)
+    stager = EmbeddingStager(ring, min_bytes=0)
+    features = torch.randn(32, 32)
+    staged = stager.stage(_input("p", features))
+    assert torch.equal(unstage(staged, reader).embeddings[0].features, features)
+    with pytest.raises(ValueError, match="fresh ring"):
+        ring.prefault()  # a slot is live now: zeros would overwrite it
+    reader.close()
+    ring.close()
