@@ -19,7 +19,9 @@ GQA group's queries as the rows of a `tl.dot` tile.
 
 Cache dtype: the query's, or float8_e4m3fn (an fp8 KV cache, see attention.py): K/V tiles are loaded in
 the cache dtype (an fp8 cache halves the bytes this kernel reads, which dominate a large decode batch)
-and upcast to fp32, exactly, before the products; the softmax and accumulation stay in fp32 either
+and upcast exactly: to fp32 before the FMA kernel's products, to the query dtype before the tensor-core
+kernel's `tl.dot`s (exact products, fp32 accumulation; its softmax weights are rounded to the query
+dtype for the second product, as flash attention does). Softmax and accumulation stay in fp32 either
 way. Triton stores and loads fp8 on compute capability >= 8.9 only (`check_kv_cache_dtype`).
 
 Decode rows only (one query per sequence, the query sits at the last context position so no causal
@@ -60,7 +62,7 @@ DEFAULT_CONFIG = DecodeKernelConfig()
 def config_for(num_seqs: int, num_heads: int, num_kv_heads: int | None = None) -> DecodeKernelConfig:
     """The launch shape measured best on an H100 (benchmarks/tune_decode_kernel.py, LLaVA-1.5-7B's
     32 heads x 128, bf16): the tensor-core kernel with 128-key tiles on 4 warps, beating the best FMA
-    shape by 8-18% at batch 1, 64 and 256 (results/decode_kernel_tuning.json); the pipelined loop only
+    shape by 8-22% at batch 256, 64 and 1 (results/decode_kernel_tuning.json); the pipelined loop only
     once there are enough programs to hide its latency."""
     programs = num_seqs * (num_kv_heads or num_heads)
     return DecodeKernelConfig(block_n=128, num_warps=4, num_stages=2 if programs >= 1024 else 1, use_dot=True)
