@@ -3,10 +3,10 @@ LLaVA-1.5-7B's decoder (32 heads, MHA, head dim 128, 16-token pages, bf16).
 
 Every config is checked against the batched SDPA path, then timed as a CUDA graph of 10 calls
 (launch overhead excluded, as in the engine's decode graphs); the effective bandwidth counts each
-attended K/V byte once. "default" is the shape `config_for` picks for the layout. Both kernels are
-swept: the FMA one (`heads_per_program` heads per program) and the tensor-core one (`use_dot`). The
-default and the fastest few of each are timed again between decoder-sized GEMMs (`--beside-gemm`),
-since a hot GPU's lower clocks slow an instruction-heavy kernel more than a memory-bound one. Writes `decode_kernel_tuning.json` and prints the best config per layout.
+attended K/V byte once. "default" is the shape `config_for` picks for the layout. The default and the
+fastest few shapes are timed again between decoder-sized GEMMs (`--beside-gemm`), as the engine's
+decode graph runs the kernel. Writes `decode_kernel_tuning.json` and prints the best config per layout.
+(`results/decode_kernel_tuning.json` also holds the retired CUDA-core kernel's 44 shapes: commit 1b68858.)
 
     python benchmarks/tune_decode_kernel.py --out benchmarks/results
 """
@@ -61,19 +61,15 @@ def _graph_ms(fn, calls: int = 10, repeats: int = 5) -> float:
 
 
 def sweep_configs() -> list[DecodeKernelConfig]:
-    """The FMA kernel's 44 launch shapes and the tensor-core kernel's 18."""
+    """18 launch shapes: key tile, warps, pipeline depth."""
     return [
-        DecodeKernelConfig(block_n=b, heads_per_program=h, num_warps=w, num_stages=s)
-        for b, h, w, s in itertools.product((16, 32, 64), (1, 2, 4, 8), (4, 8), (1, 2))
-        if b * h <= 256
-    ] + [
-        DecodeKernelConfig(block_n=b, num_warps=w, num_stages=s, use_dot=True)
+        DecodeKernelConfig(block_n=b, num_warps=w, num_stages=s)
         for b, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))
     ]
 
 
 def _time_beside_gemm(rows: list[dict], default: dict, top: int, batch: int, inputs: tuple, kv_bytes: int, hidden: int) -> None:
-    """Adds `beside_gemm_ms` to the default row and the `top` fastest rows of each kernel: the kernel's
+    """Adds `beside_gemm_ms` to the default row and the `top` fastest rows: the kernel's
     time in a graph that alternates it with a decoder layer's four projections at this batch (minus the
     projections alone), which is how the engine's decode graph runs it."""
     device, dtype = inputs[0].device, inputs[0].dtype
@@ -88,10 +84,7 @@ def _time_beside_gemm(rows: list[dict], default: dict, top: int, batch: int, inp
             torch.nn.functional.linear(x if w.shape[1] == hidden else h, w)
 
     base = _graph_ms(gemms)
-    picked = [default]
-    for use_dot in (False, True):
-        picked += [r for r in rows if r["config"]["use_dot"] == use_dot][:top]
-    for row in {id(r): r for r in picked}.values():
+    for row in {id(r): r for r in [default, *rows[:top]]}.values():
         config = DecodeKernelConfig(**row["config"])
 
         def step(config=config) -> None:
@@ -110,15 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page", type=int, default=16)
     parser.add_argument("--layouts", default="", help=f"comma-separated subset of {','.join(LAYOUTS)}")
-    parser.add_argument("--only", choices=("fma", "dot"), help="sweep one kernel only")
     parser.add_argument("--beside-gemm", type=int, default=3, metavar="N",
-                        help="also time the default and the N best configs of each kernel between decoder-sized "
+                        help="also time the default and the N best configs between decoder-sized "
                              "GEMMs (as in a decode graph, where the GPU runs hot and the clocks lower)")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
     configs = sweep_configs()
-    if args.only:
-        configs = [c for c in configs if c.use_dot == (args.only == "dot")]
     layouts = {name: LAYOUTS[name] for name in (args.layouts.split(",") if args.layouts else LAYOUTS)}
     results = {"device": torch.cuda.get_device_name(), "heads": args.heads, "kv_heads": args.kv_heads,
                "head_dim": args.head_dim, "page": args.page, "layouts": {}}
@@ -148,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             err = float((call().float() - expected).abs().max())
             ms = _graph_ms(call)
             rows.append({"config": config.__dict__, "ms": ms, "gb_s": kv_bytes / ms / 1e6, "max_abs_err": err,
-                         "splits": num_splits_for(batch, args.heads, context, device, config)})
+                         "splits": num_splits_for(batch, args.kv_heads, context, device, config)})
         rows.sort(key=lambda r: r["ms"])
-        chosen = config_for(batch, args.heads).__dict__  # what the engine launches for this layout
+        chosen = config_for(batch, args.kv_heads).__dict__  # what the engine launches for this layout
         default = next((r for r in rows if r["config"] == chosen), rows[0])
         if args.beside_gemm:
             _time_beside_gemm(rows, default, args.beside_gemm, batch, inputs, kv_bytes, args.heads * args.head_dim)

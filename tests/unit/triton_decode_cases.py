@@ -29,14 +29,12 @@ from llm_service.layers.triton_decode import (
 )
 from tests.unit.test_paged_attention import _layout
 
-# launch shapes: the default, several heads per program (with GQA groups split across or inside a
-# program), small key blocks with a pipelined loop, and the tensor-core kernel
+# launch shapes: the two the engine picks, small key blocks with deeper pipelines and more warps
 CONFIGS = [
-    DecodeKernelConfig(),  # the FMA kernel
-    config_for(256, 32),  # production: the tensor-core kernel, pipelined
-    DecodeKernelConfig(block_n=32, heads_per_program=2, num_stages=2),
-    DecodeKernelConfig(block_n=16, heads_per_program=4, num_warps=8),
-    DecodeKernelConfig(block_n=16, num_stages=2, use_dot=True),
+    config_for(256, 32),  # production: 128-key tiles, pipelined
+    config_for(1, 32),  # production at batch 1: not pipelined
+    DecodeKernelConfig(block_n=16, num_stages=2),
+    DecodeKernelConfig(block_n=32, num_warps=8, num_stages=3),
 ]
 # (num_heads, num_kv_heads, head_dim, decode_share): MHA, GQA, MQA, a head dim that is not a power of two
 LAYOUTS = [(4, 4, 8, 1.0), (8, 2, 16, 1.0), (4, 1, 8, 0.5), (6, 3, 24, 0.5)]
@@ -103,7 +101,7 @@ def _check_splits(
         tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in seq_lens]).to(device)
         lens = torch.tensor(seq_lens, device=device)
         query = torch.randn(len(seq_lens), num_heads, head_dim).to(device, dtype)
-        splits = num_splits_for(len(seq_lens), num_heads, width * page, query.device, config)
+        splits = num_splits_for(len(seq_lens), num_kv_heads, width * page, query.device, config)
         out = paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.2, config)
         meta = AttentionMetadata(
             slot_mapping=torch.zeros(0), block_tables=tables, query_start_loc=list(range(len(seq_lens) + 1)),
@@ -131,12 +129,11 @@ def run_all(
     tolerance = 2e-6 if dtype == torch.float32 else 2e-2
     dev = torch.device(device)
     kv_dtype = kv_dtype or dtype
-    # the tensor-core kernel's row tile repeats the GQA group: MHA and MQA too
-    dot_configs = [c for c in configs if c.use_dot]
+    # the kernel's row tile repeats the GQA group: MHA and MQA too
     other_groups = [
         failure
         for num_kv_heads in (1, 4)
-        for failure in _check_splits(dev, dtype, kv_dtype, tolerance, dot_configs, num_kv_heads, ([1, 37, 700, 64],))
+        for failure in _check_splits(dev, dtype, kv_dtype, tolerance, configs[:2], num_kv_heads, ([1, 37, 700, 64],))
     ]
     return _check_layouts(dev, dtype, kv_dtype, tolerance, seeds) + _check_splits(
         dev, dtype, kv_dtype, tolerance, configs
@@ -146,7 +143,7 @@ def run_all(
 if __name__ == "__main__":
     problems = run_all()
     # an fp8 KV cache: the kernels load float8_e4m3fn and upcast (the interpreter's fp8 -> fp32 is exact)
-    # (two launch shapes for the split cases, the FMA kernel and the production one: the interpreter is slow)
+    # (the two production launch shapes for the split cases: the interpreter is slow)
     fp8 = run_all(seeds=range(2), kv_dtype=torch.float8_e4m3fn, configs=CONFIGS[:2])
     problems += [f"fp8 cache: {p}" for p in fp8]
     print("\n".join(problems) or "all triton decode cases match the reference")
