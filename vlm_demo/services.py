@@ -5,6 +5,7 @@ Nothing here imports torch: the services and the checkpoint builder run in their
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -19,6 +20,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_PR_SET_PDEATHSIG = 1
+# Resolved before any fork: the child only calls it (Linux only; elsewhere a killed parent leaves its
+# services running, as before)
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM this service when the thread that started it dies, even by
+    SIGKILL, so a demo or benchmark killed by a timeout leaves no service holding the GPU."""
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class ServiceError(RuntimeError):
@@ -50,7 +61,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass
 class ServiceProcess:
-    """One service child process (``python -m <module> --model DIR --port P ...``) and its log file."""
+    """One service child process (``python -m <module> --model DIR --port P ...``) and its log file.
+
+    On Linux the child gets SIGTERM when the thread that called ``start`` dies (``PR_SET_PDEATHSIG``):
+    call ``start`` from a thread that outlives the service, e.g. the main thread."""
 
     name: str
     module: str
@@ -91,6 +105,7 @@ class ServiceProcess:
                 stdin=subprocess.DEVNULL,
                 env=self.env or child_env(),
                 start_new_session=True,  # a Ctrl-C in the terminal reaches only the demo, which then stops us
+                preexec_fn=_terminate_with_parent if _PRCTL is not None else None,
             )
 
     def exit_code(self) -> int | None:
