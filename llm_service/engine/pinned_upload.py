@@ -11,7 +11,7 @@ Measured limit (session 7, py-spy of the c=1 image benchmark): inside the LLM se
 thread still spends ~5.6 ms per image in the host copy into the staging buffer (it spent ~5.8 ms in
 `pin_memory()` before), so the service's ~6 ms prefill gap over the engine alone is that host copy
 of the shared-memory read's private buffer, not the allocator; why it is 60x slower there than in the
-probe is not yet known (see the session note).
+probe is not yet known (benchmarks/README.md, "Image TTFT, session 7").
 
 Small tensors keep `sampler.to_device` (the allocator's cache serves their size classes well).
 """
