@@ -107,9 +107,8 @@ def unstage(inp: GenerationInput, reader: SharedMemoryReader) -> GenerationInput
         staged = embedding.features
         if not isinstance(staged, StagedTensor):
             continue
-        nbytes = staged.slice.length
-        buffer = reader.read(staged.slice, expected_length=nbytes, field="staged embedding")
-        features = torch.frombuffer(buffer, dtype=torch.uint8).view(staged.dtype).view(staged.shape)
+        buffer = reader.read(staged.slice, expected_length=staged.slice.length, field="staged embedding")
+        features = torch.frombuffer(buffer, dtype=staged.dtype).view(staged.shape)
         embeddings[i] = dataclasses.replace(embedding, features=features)
         changed = True
     return dataclasses.replace(inp, embeddings=tuple(embeddings)) if changed else inp
