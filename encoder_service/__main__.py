@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batching.add_argument("--num-workers", type=int, default=2, help="decode/preprocess threads (default: 2)")
     batching.add_argument("--num-fetch-workers", type=int, default=8, help="URL fetch threads (default: 8)")
+    batching.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="CPU threads torch may use per operator; 0 = auto (default): 1 with a CUDA --device (the "
+        "workers run side by side; unless OMP_NUM_THREADS is set), torch's default on CPU",
+    )
 
     transport = parser.add_argument_group("embedding transport")
     transport.add_argument(
@@ -240,6 +247,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
         cache_bytes=args.cache_bytes,
         num_workers=args.num_workers,
         num_fetch_workers=args.num_fetch_workers,
+        torch_threads=args.torch_threads,
         shared_memory_bytes=args.shared_memory_mb * 1024 * 1024,
         limits=MediaLimits(
             max_items_per_request=args.max_items_per_request,
@@ -286,7 +294,9 @@ def parse_config(
 async def serve(config: EncoderConfig) -> None:
     from encoder_service.server import build_server, load_engine
     from vlm_protocol.grpc_server import install_signal_handlers
+    from vlm_protocol.torch_threads import apply_torch_threads
 
+    apply_torch_threads(config.torch_threads, config.device, service="encoder")  # before any worker thread
     loop = asyncio.get_running_loop()
     ring = None
     if config.shared_memory_bytes:

@@ -161,6 +161,9 @@ class EncoderConfig:
       num_workers: threads that decode and preprocess media.
       num_fetch_workers: threads that fetch URLs (I/O bound, kept apart so slow hosts cannot starve
         preprocessing).
+      torch_threads: CPU threads torch may use per operator in this process; 0 = auto: 1 when the
+        model runs on CUDA (the workers preprocess items side by side; see
+        vlm_protocol/torch_threads.py), torch's default on CPU.
       shared_memory_bytes: size of the POSIX shared-memory ring (/dev/shm) into which Encode writes the
         features when a request asks for EMBEDDING_TRANSPORT_SHARED_MEMORY, so that an LLM service on
         the same host reads them without a copy through gRPC; reserved at start-up. 0 disables it.
@@ -187,6 +190,7 @@ class EncoderConfig:
     cache_bytes: int = 1024 * MiB
     num_workers: int = 2
     num_fetch_workers: int = 8
+    torch_threads: int = 0
     shared_memory_bytes: int = 0
     limits: MediaLimits = field(default_factory=MediaLimits)
     url_policy: UrlPolicy = field(default_factory=UrlPolicy)
@@ -236,6 +240,8 @@ class EncoderConfig:
             )
         _check_positive("num_workers", self.num_workers)
         _check_positive("num_fetch_workers", self.num_fetch_workers)
+        if self.torch_threads < 0:
+            raise InvalidArgumentError(f"torch_threads must be >= 0 (0 = auto), got {self.torch_threads}")
         if self.shared_memory_bytes < 0:
             raise InvalidArgumentError(
                 f"shared_memory_bytes must be >= 0 (0 disables shared memory), got {self.shared_memory_bytes}"

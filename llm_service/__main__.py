@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Triton skinny GEMM for every weight shape where start-up timing measures it faster)",
     )
     engine.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="CPU threads torch may use per operator in this service; 0 = auto (default): 1 when the "
+        "model runs on CUDA, so that host copies never wait on a thread another process has "
+        "preempted (unless OMP_NUM_THREADS is set), torch's default on CPU",
+    )
+    engine.add_argument(
         "--engine-process",
         action="store_true",
         help="run the engine in its own process (spawned), so the gRPC threads and the engine loop "
@@ -177,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> LlmServiceConfig:
         max_prefill_graph_tokens=args.max_prefill_graph_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
         skinny_gemm=not args.no_skinny_gemm,
+        torch_threads=args.torch_threads,
         engine_process=args.engine_process,
         embedding_cache_bytes=args.embedding_cache_bytes,
         accept_shared_memory=args.accept_shared_memory,

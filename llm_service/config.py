@@ -75,6 +75,7 @@ class LlmServiceConfig:
     max_prefill_graph_tokens: int = 2048  # prefill/mixed steps up to this many tokens replay piecewise graphs
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3 (saturating cast, scale 1.0)
     skinny_gemm: bool = True  # CUDA: decode-sized GEMMs on the Triton kernel where measured faster
+    torch_threads: int = 0  # torch CPU threads per operator; 0 = auto (1 on CUDA): vlm_protocol/torch_threads.py
     embedding_cache_bytes: int = 2048 * MiB
     accept_shared_memory: bool = True
     encoder_address: str | None = None
@@ -126,6 +127,8 @@ class LlmServiceConfig:
             raise bad("seed", "must be in [0, 2^63)")
         if self.attention_backend not in ("auto", "reference", "batched", "triton"):
             raise bad("attention_backend", "must be auto, reference, batched or triton")
+        if self.torch_threads < 0:
+            raise bad("torch_threads", "must be >= 0 (0 = auto)")
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"must be one of {', '.join(_KV_CACHE_DTYPES)}")
         self.server_config()  # validates host, port, message size, grace period, drain delay
@@ -169,6 +172,7 @@ class LlmServiceConfig:
             max_prefill_graph_tokens=self.max_prefill_graph_tokens,
             kv_cache_dtype=self.kv_cache_dtype,
             skinny_gemm=self.skinny_gemm,
+            torch_threads=self.torch_threads,
         )
 
 

@@ -25,6 +25,7 @@ from llm_service.model_info import ModelDescription
 from llm_service.servicer import SERVICE_NAME, LlmService
 from vlm_protocol import grpc_server
 from vlm_protocol.grpc_server import RunningServer, ServiceRegistration
+from vlm_protocol.torch_threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ async def serve(config: LlmServiceConfig) -> None:
         " in an engine process" if config.engine_process else "",
     )
     engine: AsyncLLMEngine | ProcessEngineClient
+    apply_torch_threads(config.torch_threads, config.resolved_device, service="llm service")
     if config.engine_process:
         engine = await asyncio.to_thread(ProcessEngineClient, config.engine_config())
     else:

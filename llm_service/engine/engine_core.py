@@ -35,6 +35,7 @@ from llm_service.layers.attention import KV_CACHE_DTYPES, resolve_attention_back
 from llm_service.models.loader import build_decoder, inspect_checkpoint
 from llm_service.models.mllama import MllamaForCausalLM
 from vlm_protocol.errors import InvalidArgumentError
+from vlm_protocol.torch_threads import AUTO as AUTO_TORCH_THREADS
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class EngineConfig:
     # skinny GEMM for each weight shape where start-up timing finds it faster than cuBLAS (see
     # layers/triton_skinny.py); False: always cuBLAS.
     skinny_gemm: bool = True
+    # torch's CPU threads per operator in the engine's process (see vlm_protocol/torch_threads.py);
+    # 0 = auto: 1 on CUDA (unless OMP_NUM_THREADS is set), torch's default on CPU. Applied by whoever
+    # owns the process's main thread (the service, the engine process), not by EngineCore.
+    torch_threads: int = AUTO_TORCH_THREADS
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -107,6 +112,8 @@ class EngineConfig:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
         if self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens must be >= 0, got {self.max_prefill_graph_tokens}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0 (0 = auto), got {self.torch_threads}")
 
     @property
     def device_type(self) -> str:

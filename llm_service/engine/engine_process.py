@@ -52,6 +52,7 @@ from vlm_protocol.errors import (
     UnavailableError,
 )
 from vlm_protocol.shared_memory import SharedMemoryReader
+from vlm_protocol.torch_threads import apply_torch_threads
 
 if TYPE_CHECKING:
     from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput, RequestOutput
@@ -71,8 +72,11 @@ _counters = {"steps": 0, "requests_added": 0, "live_aborts": 0}
 
 
 def process_counters(core: EngineCore) -> dict[str, int]:
-    """steps run, requests added, and aborts that cancelled a live request, in the engine process."""
-    return dict(_counters)
+    """steps run, requests added, and aborts that cancelled a live request, in the engine process;
+    and the engine loop's torch CPU threads per operator (`--torch-threads`)."""
+    import torch
+
+    return {**_counters, "torch_threads": torch.get_num_threads()}
 
 
 def _dumps(message: tuple) -> bytes:
@@ -117,6 +121,7 @@ def _engine_main(
         from llm_service.engine.engine_core import EngineCore
         from llm_service.model_info import describe_model
 
+        apply_torch_threads(config.torch_threads, config.device, service="llm engine process")
         core = EngineCore(config) if core_factory is None else core_factory(config)
         description = describe_model(core, config.model_dir)
         reader = None

@@ -791,7 +791,8 @@ def test_cli_serves_and_drains_on_sigterm(llava, extra_flags):
 
 @pytest.fixture(scope="module")
 def process_engine(llava):
-    engine = ProcessEngineClient(_config(llava[0], engine_process=True).engine_config())
+    # torch_threads=1: the engine process applies --torch-threads itself (CI's default count is 2)
+    engine = ProcessEngineClient(_config(llava[0], engine_process=True, torch_threads=1).engine_config())
     engine._stager.min_bytes = 0  # the tiny model's embeddings take the shared-memory ring too
     yield engine
     engine.shutdown()
@@ -877,6 +878,7 @@ def test_engine_process_bad_requests_and_cancelled_streams(llava, process_engine
 
             # A stream cancelled after two messages is aborted in the engine process, blocks freed.
             before = await process_engine.call(process_counters)
+            assert before["torch_threads"] == 1
             call = stub.GenerateStream(
                 llm_service_pb2.GenerateStreamRequest(
                     **_request([_by_id(ref_a)], max_tokens=400, ignore_eos=True)
