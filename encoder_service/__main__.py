@@ -19,6 +19,7 @@ from encoder_service.config import (
     COMPILE_MODES,
     COMPILE_SCOPES,
     COMPUTE_DTYPES,
+    ENCODER_CUDA_THREADS,
     OUTPUT_DTYPES,
     SDPA_BACKENDS,
     EncoderConfig,
@@ -130,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-threads",
         type=int,
         default=0,
-        help="CPU threads torch may use per operator; 0 = auto (default): 1 with a CUDA --device (the "
-        "workers run side by side; unless OMP_NUM_THREADS is set), torch's default on CPU",
+        help="CPU threads torch may use per operator; 0 = auto (default): at most 4 with a CUDA --device "
+        "(unless OMP_NUM_THREADS is set), torch's default on CPU",
     )
 
     transport = parser.add_argument_group("embedding transport")
@@ -296,7 +297,8 @@ async def serve(config: EncoderConfig) -> None:
     from vlm_protocol.grpc_server import install_signal_handlers
     from vlm_protocol.torch_threads import apply_torch_threads
 
-    apply_torch_threads(config.torch_threads, config.device, service="encoder")  # before any worker thread
+    # before any worker thread; see vlm_protocol/torch_threads.py for why the encoder's auto is 4
+    apply_torch_threads(config.torch_threads, config.device, service="encoder", cuda_auto=ENCODER_CUDA_THREADS)
     loop = asyncio.get_running_loop()
     ring = None
     if config.shared_memory_bytes:

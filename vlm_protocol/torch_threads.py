@@ -19,12 +19,12 @@ logger = logging.getLogger(__name__)
 AUTO = 0  # --torch-threads 0
 
 
-def apply_torch_threads(requested: int, device: str, *, service: str) -> int:
+def apply_torch_threads(requested: int, device: str, *, service: str, cuda_auto: int = 1) -> int:
     """Set this process's torch intra-op thread count and return the count in effect.
 
-    ``requested``: a count >= 1, or ``AUTO``: 1 when the model runs on a CUDA device, unless
-    ``OMP_NUM_THREADS`` is set (then torch's own reading of it stands); torch's default elsewhere (a
-    CPU-only service computes the model with these threads).
+    ``requested``: a count >= 1, or ``AUTO``: at most ``cuda_auto`` when the model runs on a CUDA
+    device, unless ``OMP_NUM_THREADS`` is set (then torch's own reading of it stands); torch's
+    default elsewhere (a CPU-only service computes the model with these threads).
 
     Call it from the main thread before any other thread runs a torch operator: with OpenMP, a
     thread that already ran one keeps the count it started with.
@@ -36,7 +36,7 @@ def apply_torch_threads(requested: int, device: str, *, service: str) -> int:
     if requested == AUTO:
         if not device.startswith("cuda") or os.environ.get("OMP_NUM_THREADS"):
             return torch.get_num_threads()
-        requested = 1
+        requested = max(1, min(cuda_auto, torch.get_num_threads()))
     if torch.get_num_threads() != requested:
         torch.set_num_threads(requested)
         logger.info("%s: torch uses %d CPU thread(s) per operator (--torch-threads)", service, requested)

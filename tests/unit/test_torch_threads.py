@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from encoder_service.__main__ import parse_config
+from encoder_service.config import ENCODER_CUDA_THREADS
 from llm_service.__main__ import build_parser, config_from_args
 from llm_service.config import LlmServiceConfig
 from vlm_protocol.errors import InvalidArgumentError
@@ -24,7 +25,7 @@ _PROBE = textwrap.dedent(
     """
     import sys, threading, torch
     from vlm_protocol.torch_threads import apply_torch_threads
-    got = apply_torch_threads(int(sys.argv[1]), sys.argv[2], service="test")
+    got = apply_torch_threads(int(sys.argv[1]), sys.argv[2], service="test", cuda_auto=int(sys.argv[3]))
     seen = []
     worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
     worker.start(); worker.join()
@@ -33,13 +34,15 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _probe(requested: int, device: str, omp_num_threads: str | None = None) -> tuple[int, int, int]:
+def _probe(
+    requested: int, device: str, omp_num_threads: str | None = None, cuda_auto: int = 1
+) -> tuple[int, int, int]:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = str(ROOT)
     if omp_num_threads is not None:
         env["OMP_NUM_THREADS"] = omp_num_threads
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(requested), device],
+        [sys.executable, "-c", _PROBE, str(requested), device, str(cuda_auto)],
         env=env,
         capture_output=True,
         text=True,
@@ -52,6 +55,15 @@ def _probe(requested: int, device: str, omp_num_threads: str | None = None) -> t
 def test_auto_is_one_thread_for_a_cuda_model_in_every_later_thread():
     assert _probe(0, "cuda") == (1, 1, 1)
     assert _probe(0, "cuda:1") == (1, 1, 1)
+
+
+def test_the_encoders_auto_is_at_most_its_cap():
+    import torch
+
+    default = torch.get_num_threads()
+    assert _probe(0, "cuda", cuda_auto=ENCODER_CUDA_THREADS)[0] == min(ENCODER_CUDA_THREADS, default)
+    if default >= 2:
+        assert _probe(0, "cuda", cuda_auto=2) == (2, 2, 2)
 
 
 def test_auto_keeps_torch_default_on_cpu_and_an_explicit_omp_setting():
