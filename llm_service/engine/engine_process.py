@@ -10,9 +10,11 @@ Wire: two one-way pipes, each message one tuple pickled with the standard pickle
 Embedding tensors of 1 MiB and more travel through a shared-memory ring the frontend owns
 (`staged_embeddings`: a `StagedTensor` reference in the message, the bytes copied once in and once
 out); smaller ones, and any the ring has no room for, inside the message (torch pickles a tensor's
-storage as bytes). `shared_memory_mb=0` sends everything through the pipe.
+storage as bytes). `shared_memory_mb=0` sends everything through the pipe. An embedding the engine
+process already holds goes by content id alone (`held_embeddings`: the add's `StorePlan` says what
+it keeps and drops, within `embedding_store_bytes`).
 
-    frontend -> engine   ("add", inp) | ("abort", request_id) | ("call", call_id, pickled (fn, args))
+    frontend -> engine   ("add", inp, StorePlan) | ("abort", request_id) | ("call", call_id, pickled (fn, args))
                          | ("shutdown",)
     engine -> frontend   ("ready", ModelDescription) | ("start_failed", exception)
                          ("added", request_id, exception or None)
@@ -43,7 +45,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+
 from llm_service.engine.async_engine import _Collector, stream_outputs
+from llm_service.engine.held_embeddings import EmbeddingStore, HeldEmbeddings
 from llm_service.engine.staged_embeddings import unstage
 from vlm_protocol.errors import (
     InternalError,
@@ -64,6 +69,7 @@ T = TypeVar("T")
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[engine %(process)d]: %(message)s"
 DEFAULT_SHARED_MEMORY_MB = 256  # the frontend's ring for embeddings: ~54 LLaVA images in flight
+DEFAULT_EMBEDDING_STORE_BYTES = 1 << 30  # embeddings the engine process keeps to be sent by id (held_embeddings.py)
 _DIED = "the engine process stopped unexpectedly; retry shortly or on another replica"
 _SHUT_DOWN = "the engine shut down before this request finished"
 
@@ -143,14 +149,16 @@ def _serve(
     core: EngineCore, commands: Connection, send: Callable[[tuple], None], reader: SharedMemoryReader | None = None
 ) -> None:
     live: set[str] = set()
+    store = EmbeddingStore()
 
     def apply(message: tuple) -> bool:
         kind = message[0]
         if kind == "add":
-            inp = message[1]
+            _, inp, plan = message
             try:
                 if reader is not None:
                     inp = unstage(inp, reader)
+                inp = store.apply(inp, plan)
                 core.add_request(inp)
             except Exception as exc:  # noqa: BLE001 - handed to the caller of generate()
                 send(("added", inp.request_id, _portable(exc)))
@@ -218,7 +226,9 @@ class ProcessEngineClient:
     `core_factory` (picklable, e.g. a module-level function) builds the engine in the child instead
     of `EngineCore(config)`, e.g. random weights for a benchmark; then pass its `tokenizer` too
     (otherwise it is loaded from `config.model_dir`). `config.model_dir` must hold the config.json
-    that `describe_model` reads.
+    that `describe_model` reads. `shared_memory_mb`: the frontend's ring for large embeddings (0: all
+    through the pipe); `embedding_store_bytes`: embeddings the engine process keeps so that later
+    requests send them by content id (0: always whole).
     """
 
     def __init__(
@@ -228,9 +238,11 @@ class ProcessEngineClient:
         core_factory: Callable[[EngineConfig], EngineCore] | None = None,
         tokenizer=None,
         shared_memory_mb: int = DEFAULT_SHARED_MEMORY_MB,
+        embedding_store_bytes: int = DEFAULT_EMBEDDING_STORE_BYTES,
     ) -> None:
         self.config = config
         self._stager = _make_stager(shared_memory_mb)
+        self._held = HeldEmbeddings(embedding_store_bytes)
         context = multiprocessing.get_context("spawn")
         commands_out, self._commands = context.Pipe(duplex=False)  # (receive end, send end)
         self._events, events_in = context.Pipe(duplex=False)
@@ -404,9 +416,11 @@ class ProcessEngineClient:
     def _send_loop(self) -> None:
         while (message := self._outbox.get()) is not None:
             try:
+                pending = None
                 if message[0] == "add":
-                    inp = _compact(message[1])
-                    message = ("add", inp if self._stager is None else self._stager.stage(inp))
+                    inp, plan, pending = self._held.plan(message[1])
+                    inp = _compact(inp)
+                    message = ("add", inp if self._stager is None else self._stager.stage(inp), plan)
                 data = _dumps(message)
             except Exception as exc:  # noqa: BLE001 - e.g. a lambda given to call()
                 self._fail_command(message, InternalError(f"cannot send {message[0]} to the engine process: {exc}"))
@@ -416,6 +430,9 @@ class ProcessEngineClient:
             except (OSError, ValueError):
                 # The engine process is gone; the reader sees EOF and fails everything registered.
                 self._fail_command(message, UnavailableError(_DIED))
+                continue
+            if pending is not None:
+                self._held.commit(pending, message[1])
 
     def _fail_command(self, message: tuple, error: BaseException) -> None:
         with self._lock:
@@ -551,6 +568,8 @@ def _compact(inp: GenerationInput) -> GenerationInput:
     changed = False
     for i, e in enumerate(embeddings):
         features = e.features
+        if not isinstance(features, torch.Tensor):  # a HeldTensor: no bytes to send
+            continue
         if features.device.type != "cpu" or features.untyped_storage().nbytes() != features.nbytes:
             embeddings[i] = dataclasses.replace(e, features=features.detach().to("cpu", copy=True).contiguous())
             changed = True

@@ -850,8 +850,10 @@ def test_engine_process_serves_the_same_tokens_as_the_in_process_engine(llava, e
         assert got == expected
         assert got[1][0] == ref_a.output_token_ids and got[1][4] == ref_a.output_token_ids
         assert len(got[0][0]) == 12 and got[0][1]
-        # the image's embedding crossed through the frontend's ring, and every slot was released
-        assert process_engine._stager.staged >= 2 and process_engine._stager.unread == 0
+        # the image's embedding crossed through the frontend's ring once (every slot released), and
+        # the second request sent it by content id: the engine process held it
+        assert process_engine._stager.staged >= 1 and process_engine._stager.unread == 0
+        assert process_engine._held.sent_by_id >= 1 and ref_a.embeddings[0].content_id in process_engine._held
 
     asyncio.run(scenario())
 

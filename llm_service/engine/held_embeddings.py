@@ -1,0 +1,143 @@
+"""Embeddings the engine process already holds (`--engine-process`): sent once, then by content id.
+
+Why: the service forwards an image's embedding with every request that uses it, also when its
+embedding cache answered the content id. In-process that costs nothing (a reference); to an engine
+in its own process it cost a repeat ~3 ms more "LLM other" than in-process (3.8 vs 0.9 ms at
+concurrency 1, H200 host, session 8): the 4.7 MB went through the ring again although the engine
+process had read it for the first request.
+
+The frontend alone decides what the engine process keeps. `HeldEmbeddings.plan` (on the sender
+thread, so in pipe order) replaces each embedding the engine process holds by a `HeldTensor` and
+names, in the add command, which of the request's embeddings to keep and which held ones to drop
+(least recently sent first, within a byte budget). The engine process does exactly that
+(`EmbeddingStore.apply`), in command order, so both sides agree without a reply.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from llm_service.engine.engine_core import GenerationInput
+from vlm_protocol.errors import InternalError
+
+
+@dataclass(frozen=True)
+class HeldTensor:
+    """Stands in, inside the pipe, for features the engine process keeps under `content_id`."""
+
+    content_id: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """What the engine process does with its store for one add: drop `drop` first, then keep this
+    request's embeddings whose content ids are in `keep`."""
+
+    keep: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    order: collections.OrderedDict[str, int]  # the mirror once this add is sent
+
+
+class HeldEmbeddings:
+    """The frontend's mirror of the engine process's store: content id -> bytes, least recently
+    sent first. `plan` then `commit` (once the add is on its way); only the sender thread calls them."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._held: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.sent_by_id = 0  # embeddings replaced by a HeldTensor
+
+    def plan(self, inp: GenerationInput) -> tuple[GenerationInput, StorePlan, _Pending]:
+        if self.budget_bytes == 0 or not inp.embeddings:
+            return inp, StorePlan(), _Pending(self._held)
+        order = self._held.copy()
+        embeddings = list(inp.embeddings)
+        used: set[str] = set()
+        keep: list[str] = []
+        for i, embedding in enumerate(embeddings):
+            features = embedding.features
+            content_id = embedding.content_id
+            if not isinstance(features, torch.Tensor) or not content_id:
+                continue
+            used.add(content_id)
+            if content_id in order:
+                order.move_to_end(content_id)
+                embeddings[i] = dataclasses.replace(
+                    embedding, features=HeldTensor(content_id, features.dtype, tuple(features.shape))
+                )
+                continue
+            nbytes = features.numel() * features.element_size()
+            if nbytes <= self.budget_bytes:  # a repeat within this request is sent by id (kept first)
+                order[content_id] = nbytes
+                keep.append(content_id)
+        drop = []
+        total = sum(order.values())
+        for content_id in list(order):
+            if total <= self.budget_bytes:
+                break
+            if content_id in used:  # this request's own: kept even when briefly over budget
+                continue
+            total -= order.pop(content_id)
+            drop.append(content_id)
+        held = len(inp.embeddings) - sum(1 for e in embeddings if isinstance(e.features, torch.Tensor))
+        new_inp = dataclasses.replace(inp, embeddings=tuple(embeddings)) if held else inp
+        return new_inp, StorePlan(tuple(keep), tuple(drop)), _Pending(order)
+
+    def commit(self, pending: _Pending, inp: GenerationInput) -> None:
+        """`inp` (as `plan` returned it) went out: the engine process will do what its plan says."""
+        self._held = pending.order
+        self.sent_by_id += sum(1 for e in inp.embeddings if isinstance(e.features, HeldTensor))
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(self._held.values())
+
+    def __contains__(self, content_id: str) -> bool:
+        return content_id in self._held
+
+
+class EmbeddingStore:
+    """The engine process's side: content id -> features, changed only by `apply`."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def apply(self, inp: GenerationInput, plan: StorePlan) -> GenerationInput:
+        """Drop, resolve every `HeldTensor` of `inp`, keep; returns `inp` with real features."""
+        for content_id in plan.drop:
+            self._tensors.pop(content_id, None)
+        embeddings = list(inp.embeddings)
+        for i, embedding in enumerate(embeddings):
+            held = embedding.features
+            if isinstance(held, HeldTensor):
+                features = self._tensors.get(held.content_id)
+                if features is None or features.dtype != held.dtype or tuple(features.shape) != held.shape:
+                    raise InternalError(
+                        f"the engine process does not hold embedding {held.content_id} that the service "
+                        "sent by id (a bug); retry the request"
+                    )
+                embeddings[i] = dataclasses.replace(embedding, features=features)
+            elif embedding.content_id in plan.keep:
+                self._tensors[embedding.content_id] = embedding.features
+        return dataclasses.replace(inp, embeddings=tuple(embeddings)) if inp.embeddings else inp
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, content_id: str) -> bool:
+        return content_id in self._tensors
+
+
+__all__ = ["EmbeddingStore", "HeldEmbeddings", "HeldTensor", "StorePlan"]
