@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-process",
         action="store_true",
         help="run the engine in its own process (spawned), so the gRPC threads and the engine loop "
-        "do not share one GIL; opt-in until measured (benchmarks/bench_grpc_overhead.py)",
+        "do not share one GIL: faster under load (H200, 64 streams: 0.08%% below in-process tok/s "
+        "against 13.7%% without), ~3-5 ms slower to a first image's token at concurrency 1",
     )
     service = parser.add_argument_group("service")
     service.add_argument(
