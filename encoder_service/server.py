@@ -121,6 +121,7 @@ def load_engine(config: EncoderConfig) -> VisualEngine:
     """Load the visual engine the config names: eager modules from the checkpoint, or the exported
     engine in ``config.engine_dir`` (verified against the checkpoint; FailedPreconditionError if not)."""
     from encoder_service.engines import load_visual_engine
+
     engine = load_visual_engine(
         Path(config.model_dir),
         device=config.device,

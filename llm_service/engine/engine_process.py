@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from llm_service.engine.async_engine import _Collector, stream_outputs
-from llm_service.engine.held_embeddings import EmbeddingStore, HeldEmbeddings
+from llm_service.engine.held_embeddings import EmbeddingStore, HeldEmbeddings, LostHeldEmbeddingError
 from llm_service.engine.staged_embeddings import unstage
 from vlm_protocol.errors import (
     InternalError,
@@ -156,9 +156,10 @@ def _serve(
         if kind == "add":
             _, inp, plan = message
             try:
+                store.drop(plan.drop)
                 if reader is not None:
                     inp = unstage(inp, reader)
-                inp = store.apply(inp, plan)
+                inp = store.resolve(inp, plan.keep)
                 core.add_request(inp)
             except Exception as exc:  # noqa: BLE001 - handed to the caller of generate()
                 send(("added", inp.request_id, _portable(exc)))
@@ -478,6 +479,8 @@ class ProcessEngineClient:
             _, request_id, error = message
             if self._stager is not None:
                 self._stager.release(request_id)  # read (or refused): its ring slots may be reused
+            if isinstance(error, LostHeldEmbeddingError):
+                self._held.forget(error.content_id)  # the next request sends it whole again
             with self._lock:
                 future = self._adds.pop(request_id, None)
                 if error is not None:

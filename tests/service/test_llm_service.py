@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -854,6 +855,33 @@ def test_engine_process_serves_the_same_tokens_as_the_in_process_engine(llava, e
         # the second request sent it by content id: the engine process held it
         assert process_engine._stager.staged >= 1 and process_engine._stager.unread == 0
         assert process_engine._held.sent_by_id >= 1 and ref_a.embeddings[0].content_id in process_engine._held
+
+    asyncio.run(scenario())
+
+
+def test_engine_process_recovers_from_an_embedding_it_lost(llava, process_engine):
+    """The frontend believes the engine process holds an embedding it does not (an add that should
+    have kept it failed first): that request fails INTERNAL, the id is forgotten, the retry sends it
+    whole and gets the reference tokens."""
+    from llm_service.engine.sampling_params import SamplingParams
+
+    _, _, ref_b = llava
+    lost = dataclasses.replace(ref_b.embeddings[0], content_id="b3:" + "e" * 64)  # never sent before
+    features = lost.features
+    process_engine._held._held[lost.content_id] = features.numel() * features.element_size()
+
+    async def tokens(request_id: str) -> list[int]:
+        inp = GenerationInput(
+            request_id, prompt=PROMPT, embeddings=(lost,), sampling=SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0)
+        )
+        return [t async for out in process_engine.generate(inp) for t in out.new_token_ids]
+
+    async def scenario():
+        with pytest.raises(InternalError, match="does not hold embedding"):
+            await tokens("lost-1")
+        assert await tokens("lost-2") == ref_b.output_token_ids
+        assert lost.content_id in process_engine._held  # kept this time
+        assert await tokens("lost-3") == ref_b.output_token_ids  # by id, from the engine's store
 
     asyncio.run(scenario())
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 from llm_service.engine.engine_core import GenerationInput
-from llm_service.engine.held_embeddings import EmbeddingStore, HeldEmbeddings, HeldTensor
+from llm_service.engine.held_embeddings import (
+    EmbeddingStore,
+    HeldEmbeddings,
+    HeldTensor,
+    LostHeldEmbeddingError,
+)
 from llm_service.engine.model_runner import PROMPT_TABLE, MultimodalEmbedding
-from vlm_protocol.errors import InternalError
 
 ROWS, HIDDEN = 4, 8  # one embedding: 4 x 8 float32 = 128 bytes
 NBYTES = ROWS * HIDDEN * 4
@@ -29,10 +35,11 @@ def _input(request_id: str, *content_ids: str) -> GenerationInput:
 def _send(mirror: HeldEmbeddings, store: EmbeddingStore, inp: GenerationInput) -> tuple[GenerationInput, list[str]]:
     """One add through both sides, as the pipe would carry it: what the engine gets, and how each
     embedding travelled ("id" or "whole")."""
-    sent, plan, pending = mirror.plan(inp)
-    mirror.commit(pending, sent)
+    sent, plan, order = mirror.plan(inp)
+    mirror.commit(order, sent)
     how = ["id" if isinstance(e.features, HeldTensor) else "whole" for e in sent.embeddings]
-    return store.apply(sent, plan), how
+    store.drop(plan.drop)
+    return store.resolve(sent, plan.keep), how
 
 
 def _assert_same_features(got: GenerationInput, want: GenerationInput) -> None:
@@ -102,10 +109,19 @@ def test_an_add_that_was_not_sent_changes_nothing():
     assert how == ["whole"]
 
 
-def test_a_store_out_of_step_fails_the_request_clearly():
+def test_an_embedding_the_engine_lost_fails_one_request_then_goes_whole_again():
     mirror, store = HeldEmbeddings(10 * NBYTES), EmbeddingStore()
-    sent, plan, pending = mirror.plan(_input("r1", "a"))
-    mirror.commit(pending, sent)  # the engine never applied it
-    sent, plan, _ = mirror.plan(_input("r2", "a"))
-    with pytest.raises(InternalError, match="does not hold embedding a"):
-        store.apply(sent, plan)
+    sent, plan, order = mirror.plan(_input("r1", "a"))
+    mirror.commit(order, sent)  # ... but that add failed in the engine process before its store kept "a"
+    sent, plan, order = mirror.plan(_input("r2", "a"))
+    mirror.commit(order, sent)
+    with pytest.raises(LostHeldEmbeddingError, match="does not hold embedding a") as caught:
+        store.resolve(sent, plan.keep)
+    error = pickle.loads(pickle.dumps(caught.value))  # as it crosses the pipe
+    assert isinstance(error, LostHeldEmbeddingError) and error.content_id == "a"
+    mirror.forget(error.content_id)
+    assert "a" not in mirror
+    inp = _input("r3", "a")
+    got, how = _send(mirror, store, inp)
+    assert how == ["whole"] and "a" in store
+    _assert_same_features(got, inp)
