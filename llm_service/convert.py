@@ -19,11 +19,13 @@ from llm_service.engine.engine_core import GenerationInput, RequestOutput
 from llm_service.engine.model_runner import CROSS_ATTENTION, PROMPT_TABLE, MultimodalEmbedding
 from llm_service.engine.request import FinishReason
 from llm_service.engine.sampling_params import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
+from llm_service.engine.staged_embeddings import StagedTensor
 from llm_service.model_info import ModelDescription
 from vlm_protocol.content_id import validate_content_id
+from vlm_protocol.dtypes import torch_dtype_for_name
 from vlm_protocol.errors import FailedPreconditionError, InvalidArgumentError, StaleSharedMemoryError
-from vlm_protocol.shared_memory import SharedMemoryReader
-from vlm_protocol.tensor_codec import data_type_for_name, decode_torch
+from vlm_protocol.shared_memory import SharedMemoryReader, SharedMemorySlice
+from vlm_protocol.tensor_codec import data_type_for_name, decode_torch, shared_memory_reference
 
 GenerateLike = llm_service_pb2.GenerateRequest | llm_service_pb2.GenerateStreamRequest
 
@@ -226,9 +228,11 @@ def input_slots(
     *,
     max_inputs: int,
     shared_memory: SharedMemoryReader | None = None,
+    defer_shared_memory: bool = False,
 ) -> list[InputSlot]:
     """Classify and check every multimodal input; full embeddings are decoded (``shared_memory``
-    reads those whose features are in shared memory; None refuses them with FAILED_PRECONDITION).
+    reads those whose features are in shared memory; None refuses them with FAILED_PRECONDITION;
+    ``defer_shared_memory``: see `embedding_from_proto`).
 
     An embedding whose shared-memory slot was reused becomes a content-id reference: the cache may
     still hold it, and otherwise the caller answers NOT_FOUND for it like for any unknown id.
@@ -243,7 +247,11 @@ def input_slots(
         if which == "embedding":
             try:
                 embedding = embedding_from_proto(
-                    item.embedding, model, field=f"{field}.embedding", shared_memory=shared_memory
+                    item.embedding,
+                    model,
+                    field=f"{field}.embedding",
+                    shared_memory=shared_memory,
+                    defer_shared_memory=defer_shared_memory,
                 )
             except StaleSharedMemoryError as exc:
                 slots.append(InputSlot(i, content_id=exc.content_ids[0], stale_shared_memory=True))
@@ -262,16 +270,32 @@ def input_slots(
     return slots
 
 
+def _shared_memory_features(tensor: common_pb2.Tensor, *, field: str) -> StagedTensor | None:
+    reference = shared_memory_reference(tensor, field=field)
+    if reference is None:
+        return None
+    name, shape = reference
+    slice_ = tensor.shared_memory
+    return StagedTensor(
+        slice=SharedMemorySlice(slice_.region, int(slice_.offset), int(slice_.length), int(slice_.generation)),
+        dtype=torch_dtype_for_name(name),
+        shape=shape,
+    )
+
+
 def embedding_from_proto(
     message: common_pb2.Embedding,
     model: ModelDescription,
     *,
     field: str,
     shared_memory: SharedMemoryReader | None = None,
+    defer_shared_memory: bool = False,
 ) -> MultimodalEmbedding:
     """Check an Embedding against the loaded model and decode its features.
 
     ``shared_memory`` reads features that are in shared memory (None: FAILED_PRECONDITION for those).
+    ``defer_shared_memory``: leave them there; the features become a `StagedTensor` (the slice, dtype
+    and shape) for the engine process to read (`--engine-process`: one copy instead of three).
     A reused slot raises ``StaleSharedMemoryError`` naming the content id (NOT_FOUND, so the client
     resends the bytes). Family, fingerprint and kind are checked before the features are read.
     """
@@ -304,7 +328,11 @@ def embedding_from_proto(
     if not message.HasField("features"):
         raise InvalidArgumentError(f"{field}.features is missing")
     try:
-        features = decode_torch(message.features, field=f"{field}.features", shared_memory=shared_memory)
+        features = None
+        if defer_shared_memory and shared_memory is not None:
+            features = _shared_memory_features(message.features, field=f"{field}.features")
+        if features is None:
+            features = decode_torch(message.features, field=f"{field}.features", shared_memory=shared_memory)
     except StaleSharedMemoryError as exc:
         raise StaleSharedMemoryError(
             f"{field} ({content_id}): the shared-memory slot was reused; resend the embedding bytes",

@@ -30,6 +30,7 @@ from llm_service.engine.engine_core import RequestOutput
 from llm_service.engine.engine_process import ProcessEngineClient
 from llm_service.engine.model_runner import MultimodalEmbedding
 from llm_service.engine.sampling_params import SamplingParams
+from llm_service.engine.tensor_ref import TensorRef
 from llm_service.model_info import ModelDescription
 from vlm_protocol.errors import (
     DeadlineExceededError,
@@ -83,6 +84,13 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
         self._is_ready = False
         # read-only mappings of encoders' /dev/shm regions (EMBEDDING_TRANSPORT_SHARED_MEMORY)
         self.shared_memory = SharedMemoryReader() if config.accept_shared_memory else None
+        # An engine in its own process that reads /dev/shm itself: embeddings sent in shared memory
+        # are forwarded there by reference, not read here (one copy of 4.7 MB per image, not three).
+        self._forward_shared_memory = (
+            isinstance(engine, ProcessEngineClient)
+            and self.shared_memory is not None
+            and engine.reads_shared_memory_in(self.shared_memory.directory)
+        )
         self._model_info = convert.model_info_response(
             model,
             defaults=defaults,
@@ -220,11 +228,13 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
             self.model,
             max_inputs=self.config.max_multimodal_inputs,
             shared_memory=self.shared_memory,
+            defer_shared_memory=self._forward_shared_memory,
         )
         resolved: list[MultimodalEmbedding | None] = [slot.embedding for slot in slots]
         sent = {e.content_id: e for e in resolved if e is not None}
         for embedding in sent.values():
-            self.cache.put(embedding)  # too large for the cache: still used for this request
+            if not isinstance(embedding.features, TensorRef):  # a forwarded slice has no bytes here
+                self.cache.put(embedding)  # too large for the cache: still used for this request
         missing: list[str] = []
         for slot in slots:
             if slot.content_id is None:
@@ -232,6 +242,8 @@ class LlmService(llm_service_pb2_grpc.LlmServiceServicer):
             embedding = sent.get(slot.content_id)
             if embedding is None:
                 embedding = self.cache.get(slot.content_id)
+            if embedding is None and isinstance(self.engine, ProcessEngineClient):
+                embedding = self.engine.held_embedding(slot.content_id)  # its features stay there
             if embedding is None:
                 if slot.content_id not in missing:
                     missing.append(slot.content_id)

@@ -226,6 +226,31 @@ def decode_torch(
         return torch.frombuffer(data, dtype=torch_dtype_for_name(name)).view(shape)
 
 
+def shared_memory_reference(tensor: common_pb2.Tensor, *, field: str = "tensor") -> tuple[str, tuple[int, ...]] | None:
+    """For a ``Tensor`` whose elements are in shared memory: (dtype name, shape) after the checks a
+    read makes first (dtype, dimensions, ``shared_memory.length`` against them), without reading the
+    elements; whoever reads them later (``SharedMemoryReader.read`` of ``tensor.shared_memory``)
+    checks the slot itself. None for a tensor sent as bytes."""
+    if not _has_shared_memory(tensor):
+        return None
+    _, name = _resolve_data_type(tensor.dtype, f"{field}.dtype")
+    shape = tuple(int(dim) for dim in tensor.shape)
+    for index, dim in enumerate(shape):
+        if dim < 0:
+            raise TensorFormatError(f"{field}.shape", f"dimension {index} is {dim}; dimensions must be >= 0")
+    if tensor.data:
+        raise TensorFormatError(field, "has both data and shared_memory set; send the elements in one of them")
+    itemsize = NUMPY_DTYPES[name].itemsize
+    expected_bytes = math.prod(shape) * itemsize
+    if tensor.shared_memory.length != expected_bytes:
+        raise TensorFormatError(
+            f"{field}.shared_memory.length",
+            f"expected {expected_bytes} bytes for shape {list(shape)} of {name} ({itemsize} bytes each), "
+            f"got {tensor.shared_memory.length}",
+        )
+    return name, shape
+
+
 def _decode(
     tensor: common_pb2.Tensor,
     expected_dtype: DataTypeLike | None,

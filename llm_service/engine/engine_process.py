@@ -17,7 +17,7 @@ it keeps and drops, within `embedding_store_bytes`).
     frontend -> engine   ("add", inp, StorePlan) | ("abort", request_id) | ("call", call_id, pickled (fn, args))
                          | ("shutdown",)
     engine -> frontend   ("ready", ModelDescription) | ("start_failed", exception)
-                         ("added", request_id, exception or None)
+                         ("added", request_id, exception or None, content ids of the plan it does not hold)
                          ("outputs", [RequestOutput, ...])     one message per step
                          ("failed", [request_id, ...], error)  a step raised: those requests are aborted
                          ("result", call_id, ok, value or exception)
@@ -48,19 +48,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from llm_service.engine.async_engine import _Collector, stream_outputs
-from llm_service.engine.held_embeddings import EmbeddingStore, HeldEmbeddings, LostHeldEmbeddingError
+from llm_service.engine.held_embeddings import EmbeddingStore, HeldEmbeddings
 from llm_service.engine.staged_embeddings import unstage
 from vlm_protocol.errors import (
     InternalError,
     InvalidArgumentError,
     SharedMemoryUnavailableError,
     UnavailableError,
+    VlmError,
 )
 from vlm_protocol.shared_memory import SharedMemoryReader
 from vlm_protocol.torch_threads import apply_torch_threads
 
 if TYPE_CHECKING:
     from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput, RequestOutput
+    from llm_service.engine.model_runner import MultimodalEmbedding
     from llm_service.model_info import ModelDescription
 
 logger = logging.getLogger(__name__)
@@ -154,19 +156,19 @@ def _serve(
     def apply(message: tuple) -> bool:
         kind = message[0]
         if kind == "add":
-            _, inp, plan = message
+            _, sent, plan = message
             try:
                 store.drop(plan.drop)
-                if reader is not None:
-                    inp = unstage(inp, reader)
+                inp = sent if reader is None else unstage(sent, reader)
                 inp = store.resolve(inp, plan.keep)
                 core.add_request(inp)
             except Exception as exc:  # noqa: BLE001 - handed to the caller of generate()
-                send(("added", inp.request_id, _portable(exc)))
+                # e.g. a forwarded slot reused before we read it: what we did not keep, the frontend forgets
+                send(("added", sent.request_id, _portable(exc), store.missing(sent, plan)))
                 return True
             live.add(inp.request_id)
             _counters["requests_added"] += 1
-            send(("added", inp.request_id, None))
+            send(("added", inp.request_id, None, ()))
         elif kind == "abort":
             request_id = message[1]
             live.discard(request_id)
@@ -294,6 +296,18 @@ class ProcessEngineClient:
         if Path(model_dir).resolve() != Path(self.config.model_dir).resolve():
             raise ValueError(f"the engine serves {self.config.model_dir}, not {model_dir}")
         return self._description
+
+    def held_embedding(self, content_id: str) -> MultimodalEmbedding | None:
+        """The embedding the engine process holds under `content_id` (features: a `HeldTensor`, no
+        bytes: add it to a request as it is), or None."""
+        return self._held.get(content_id)
+
+    def reads_shared_memory_in(self, directory: str | Path) -> bool:
+        """Whether the engine process reads shared-memory regions in `directory` itself, so that the
+        service may forward an encoder's slice instead of reading it (`StagedTensor`)."""
+        if self._stager is None:
+            return False
+        return Path(self._stager.ring.directory).resolve() == Path(directory).resolve()
 
     @property
     def is_alive(self) -> bool:
@@ -423,6 +437,9 @@ class ProcessEngineClient:
                     inp = _compact(inp)
                     message = ("add", inp if self._stager is None else self._stager.stage(inp), plan)
                 data = _dumps(message)
+            except VlmError as exc:  # e.g. NOT_FOUND: a held embedding left the store meanwhile
+                self._fail_command(message, exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - e.g. a lambda given to call()
                 self._fail_command(message, InternalError(f"cannot send {message[0]} to the engine process: {exc}"))
                 continue
@@ -476,11 +493,11 @@ class ProcessEngineClient:
             for collector, output in ready:
                 collector.put(output)
         elif kind == "added":
-            _, request_id, error = message
+            _, request_id, error, not_held = message
             if self._stager is not None:
                 self._stager.release(request_id)  # read (or refused): its ring slots may be reused
-            if isinstance(error, LostHeldEmbeddingError):
-                self._held.forget(error.content_id)  # the next request sends it whole again
+            for content_id in not_held:
+                self._held.forget(content_id)  # the next request sends it whole again
             with self._lock:
                 future = self._adds.pop(request_id, None)
                 if error is not None:

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from llm_service.engine.engine_core import GenerationInput
-from vlm_protocol.errors import InternalError
+from llm_service.engine.model_runner import MultimodalEmbedding
+from llm_service.engine.tensor_ref import TensorRef
+from vlm_protocol.errors import InternalError, NotFoundError
 
 
-@dataclass(frozen=True)
-class HeldTensor:
+@dataclass(frozen=True, kw_only=True)
+class HeldTensor(TensorRef):
     """Stands in, inside the pipe, for features the engine process keeps under `content_id`."""
 
     content_id: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,13 @@ class StorePlan:
     drop: tuple[str, ...] = ()
 
 
+_Mirror = collections.OrderedDict[str, MultimodalEmbedding]
+
+
 class LostHeldEmbeddingError(InternalError):
-    """The engine process was sent `content_id` by id but does not hold it (its add that should have
-    kept it failed before the store saw it). The frontend forgets the id, so the next request sends
-    the embedding whole again."""
+    """The engine process was sent `content_id` by id but does not hold it: an add that should have
+    kept it failed before it was read (a slot reused, say) while this one was already on its way.
+    The failed add's reply makes the frontend forget the id, so a retry sends the embedding whole."""
 
     def __init__(self, content_id: str) -> None:
         super().__init__(
@@ -61,66 +64,76 @@ class LostHeldEmbeddingError(InternalError):
 
 
 class HeldEmbeddings:
-    """The frontend's mirror of the engine process's store: content id -> bytes, least recently
-    sent first. The sender thread calls `plan`, then `commit` once the add is on its way; `forget`
-    may come from any thread."""
+    """The frontend's mirror of the engine process's store: content id -> the embedding with
+    `HeldTensor` features, least recently sent first. The sender thread calls `plan`, then `commit`
+    once the add is on its way; `get` and `forget` may come from any thread."""
 
     def __init__(self, budget_bytes: int) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
-        self._held: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._held: collections.OrderedDict[str, MultimodalEmbedding] = collections.OrderedDict()
         self._lost: set[str] = set()  # forgotten since the last plan
         self._lock = threading.Lock()
         self.sent_by_id = 0  # embeddings replaced by a HeldTensor
 
-    def plan(self, inp: GenerationInput) -> tuple[GenerationInput, StorePlan, collections.OrderedDict[str, int]]:
-        """(what to send, the engine's StorePlan, the mirror once it is sent: give it to `commit`)."""
+    def plan(self, inp: GenerationInput) -> tuple[GenerationInput, StorePlan, _Mirror]:
+        """(what to send, the engine's StorePlan, the mirror once it is sent: give it to `commit`).
+
+        Features may be a tensor, a `TensorRef` whose bytes wait in shared memory, or a `HeldTensor`
+        (the service found the id in `get`); one the engine process no longer holds raises
+        NotFoundError with its content id, so the client resends it."""
         with self._lock:
             for content_id in self._lost:
                 self._held.pop(content_id, None)
             self._lost.clear()
             order = self._held.copy()
-        if self.budget_bytes == 0 or not inp.embeddings:
-            return inp, StorePlan(), order
         embeddings = list(inp.embeddings)
         used: set[str] = set()
         keep: list[str] = []
-        by_id = False
         for i, embedding in enumerate(embeddings):
             features = embedding.features
             content_id = embedding.content_id
-            if not isinstance(features, torch.Tensor) or not content_id:
+            if isinstance(features, HeldTensor):
+                if content_id not in order:
+                    raise NotFoundError(
+                        f"embedding {content_id} left the engine's store meanwhile; resend it in full",
+                        content_ids=(content_id,),
+                    )
+            elif not content_id or not isinstance(features, torch.Tensor | TensorRef) or self.budget_bytes == 0:
                 continue
             used.add(content_id)
             if content_id in order:  # also a repeat within this request: its first one is kept first
                 order.move_to_end(content_id)
-                embeddings[i] = dataclasses.replace(
-                    embedding, features=HeldTensor(content_id, features.dtype, tuple(features.shape))
-                )
-                by_id = True
+                embeddings[i] = order[content_id]
                 continue
-            nbytes = features.numel() * features.element_size()
-            if nbytes <= self.budget_bytes:
-                order[content_id] = nbytes
+            held = HeldTensor(content_id=content_id, dtype=features.dtype, shape=tuple(features.shape))
+            if held.nbytes <= self.budget_bytes:
+                order[content_id] = dataclasses.replace(embedding, features=held)
                 keep.append(content_id)
         drop = []
-        total = sum(order.values())
+        total = sum(e.features.nbytes for e in order.values())
         for content_id in list(order):
             if total <= self.budget_bytes:
                 break
             if content_id in used:  # this request's own: kept even when briefly over budget
                 continue
-            total -= order.pop(content_id)
+            total -= order.pop(content_id).features.nbytes
             drop.append(content_id)
-        sent = dataclasses.replace(inp, embeddings=tuple(embeddings)) if by_id else inp
+        changed = any(a is not b for a, b in zip(embeddings, inp.embeddings, strict=True))
+        sent = dataclasses.replace(inp, embeddings=tuple(embeddings)) if changed else inp
         return sent, StorePlan(tuple(keep), tuple(drop)), order
 
-    def commit(self, order: collections.OrderedDict[str, int], sent: GenerationInput) -> None:
+    def commit(self, order: _Mirror, sent: GenerationInput) -> None:
         """`sent` (as `plan` returned it) went out: the engine process will do what its plan says."""
         with self._lock:
             self._held = order
             self.sent_by_id += sum(1 for e in sent.embeddings if isinstance(e.features, HeldTensor))
+
+    def get(self, content_id: str) -> MultimodalEmbedding | None:
+        """The embedding (with `HeldTensor` features) if the engine process holds it, else None."""
+        with self._lock:
+            return None if content_id in self._lost else self._held.get(content_id)
 
     def forget(self, content_id: str) -> None:
         """The engine process reported it does not hold `content_id` (`LostHeldEmbeddingError`)."""
@@ -130,16 +143,16 @@ class HeldEmbeddings:
     @property
     def held_bytes(self) -> int:
         with self._lock:
-            return sum(self._held.values())
+            return sum(e.features.nbytes for e in self._held.values())
 
     def __contains__(self, content_id: str) -> bool:
-        with self._lock:
-            return content_id in self._held and content_id not in self._lost
+        return self.get(content_id) is not None
 
 
 class EmbeddingStore:
     """The engine process's side: content id -> features, changed only as the frontend's plans say.
-    Per add: `drop(plan.drop)` first (also when the add fails later), then `resolve(inp, plan.keep)`."""
+    Per add: `drop(plan.drop)` first (also when the add fails later), then `resolve(inp, plan.keep)`;
+    a failed add reports `missing(...)` back, so that the frontend's mirror stays a subset of it."""
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
@@ -161,6 +174,12 @@ class EmbeddingStore:
             elif embedding.content_id in keep:
                 self._tensors[embedding.content_id] = embedding.features
         return dataclasses.replace(inp, embeddings=tuple(embeddings)) if inp.embeddings else inp
+
+    def missing(self, sent: GenerationInput, plan: StorePlan) -> tuple[str, ...]:
+        """Content ids this add named (kept by `plan`, or sent as a `HeldTensor`) that the store does
+        not hold: after a failed add, the ones the frontend must forget."""
+        named = list(plan.keep) + [e.content_id for e in sent.embeddings if isinstance(e.features, HeldTensor)]
+        return tuple(dict.fromkeys(cid for cid in named if cid not in self._tensors))
 
     def __len__(self) -> int:
         return len(self._tensors)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from llm_service.engine.engine_core import GenerationInput
-from vlm_protocol.errors import SharedMemoryUnavailableError
+from llm_service.engine.tensor_ref import TensorRef
+from vlm_protocol.errors import SharedMemoryUnavailableError, StaleSharedMemoryError
 from vlm_protocol.shared_memory import (
     SharedMemoryReader,
     SharedMemoryRing,
@@ -36,13 +37,12 @@ logger = logging.getLogger(__name__)
 MIN_STAGED_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class StagedTensor:
-    """Where a CPU tensor's bytes wait in the frontend's ring: what replaces it inside the pipe."""
+@dataclass(frozen=True, kw_only=True)
+class StagedTensor(TensorRef):
+    """Where a tensor's bytes wait in shared memory (the frontend's ring, or the encoder's when the
+    service forwards its reference): what replaces it inside the pipe."""
 
     slice: SharedMemorySlice
-    dtype: torch.dtype
-    shape: tuple[int, ...]
 
 
 class EmbeddingStager:
@@ -78,7 +78,7 @@ class EmbeddingStager:
                 logger.debug("engine-process ring full: an embedding of %d bytes goes through the pipe", nbytes)
                 continue
             generations.append(slice_.generation)
-            staged = StagedTensor(slice_, features.dtype, tuple(features.shape))
+            staged = StagedTensor(slice=slice_, dtype=features.dtype, shape=tuple(features.shape))
             embeddings[i] = dataclasses.replace(embedding, features=staged)
         if not generations:
             return inp
@@ -100,14 +100,23 @@ class EmbeddingStager:
 
 def unstage(inp: GenerationInput, reader: SharedMemoryReader) -> GenerationInput:
     """The engine side: every `StagedTensor` of `inp` read back into a tensor that owns its bytes.
-    Raises what `SharedMemoryReader.read` raises (a slot reused too early: a bug, as slots are kept)."""
+    Raises what `SharedMemoryReader.read` raises; a reused slot as StaleSharedMemoryError naming the
+    content id (NOT_FOUND: the client resends the embedding). In the frontend's ring that is a bug,
+    as its slots are kept until read; in the encoder's ring (a forwarded reference) it can happen."""
     embeddings = list(inp.embeddings)
     changed = False
     for i, embedding in enumerate(embeddings):
         staged = embedding.features
         if not isinstance(staged, StagedTensor):
             continue
-        buffer = reader.read(staged.slice, expected_length=staged.slice.length, field="staged embedding")
+        try:
+            buffer = reader.read(staged.slice, expected_length=staged.slice.length, field="staged embedding")
+        except StaleSharedMemoryError:
+            raise StaleSharedMemoryError(
+                f"embedding {embedding.content_id}: its shared-memory slot was reused before the engine "
+                "read it; resend the embedding bytes",
+                content_ids=(embedding.content_id,),
+            ) from None
         features = torch.frombuffer(buffer, dtype=staged.dtype).view(staged.shape)
         embeddings[i] = dataclasses.replace(embedding, features=features)
         changed = True

@@ -863,12 +863,13 @@ def test_engine_process_recovers_from_an_embedding_it_lost(llava, process_engine
     """The frontend believes the engine process holds an embedding it does not (an add that should
     have kept it failed first): that request fails INTERNAL, the id is forgotten, the retry sends it
     whole and gets the reference tokens."""
+    from llm_service.engine.held_embeddings import HeldTensor
     from llm_service.engine.sampling_params import SamplingParams
 
     _, _, ref_b = llava
     lost = dataclasses.replace(ref_b.embeddings[0], content_id="b3:" + "e" * 64)  # never sent before
-    features = lost.features
-    process_engine._held._held[lost.content_id] = features.numel() * features.element_size()
+    held = HeldTensor(content_id=lost.content_id, dtype=lost.features.dtype, shape=tuple(lost.features.shape))
+    process_engine._held._held[lost.content_id] = dataclasses.replace(lost, features=held)
 
     async def tokens(request_id: str) -> list[int]:
         inp = GenerationInput(

@@ -8,6 +8,7 @@ what crossed gRPC: a shared-memory reference with no feature bytes, or the bytes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from encoder_service.server import build_server as build_encoder_server
 from llm_service.config import LlmServiceConfig
 from llm_service.engine.async_engine import AsyncLLMEngine
 from llm_service.engine.engine_core import EngineCore
+from llm_service.engine.engine_process import ProcessEngineClient
 from llm_service.server import LlmServer
 from llm_service.server import build_server as build_llm_server
 from vlm_protocol import shared_memory as shm
@@ -360,6 +362,57 @@ def test_async_client_shared_memory_and_stale_resend(stack):
     with stack.client(reference_llm, "bytes") as client:
         assert _generate(client, images[0]).token_ids == first.token_ids
         assert _generate(client, images[1]).token_ids == stale.token_ids
+
+
+@pytest.fixture(scope="module")
+def process_llm(stack) -> Iterator[Llm]:
+    """An LLM service whose engine runs in its own process (--engine-process), on the stack's encoder."""
+    config = dataclasses.replace(stack._llm_config(True), engine_process=True)
+    engine = ProcessEngineClient(config.engine_config())
+
+    async def start() -> LlmServer:
+        server = build_llm_server(config, engine)
+        await server.start()
+        await server.start_serving(warmup=False)
+        return server
+
+    server = stack.run(start())
+    yield Llm(server)
+    stack.run(server.stop_now())
+    engine.shutdown()
+
+
+def test_engine_process_reads_the_encoders_slot_itself(stack, process_llm):
+    """The service forwards the encoder's shared-memory reference to the engine process, which reads
+    it (the service reads nothing, its own ring stays unused); a repeat goes by id from the engine's
+    store; a slot reused before the engine read it is resent as bytes. Prefix caching is off, so
+    every answer was computed from the features that arrived."""
+    engine = process_llm.server.engine
+    ring = stack.encoder.shared_memory
+    images = [_image(70), _image(71)]
+    reference_llm = stack.start_llm()
+    with stack.client(reference_llm, "bytes") as client:
+        expected = [_generate(client, image).token_ids for image in images]
+
+    with stack.client(process_llm, "shared_memory") as client:
+        first = _generate(client, images[0])
+        assert len(process_llm.requests) == 1 and _only_references(process_llm.embeddings(0), ring.name)
+        assert process_llm.server.servicer.shared_memory.open_regions == ()  # not read by the service
+        assert engine._stager.staged == 0 and engine.held_embedding(first.content_ids[0]) is not None
+        again = _generate(client, images[0], stream=True)  # by id: the engine process holds it
+
+        encode = client._encode
+
+        def encode_then_reuse_the_ring(plan, *args, **kwargs):
+            encode(plan, *args, **kwargs)
+            ring.put(b"\0" * ring.max_item_bytes)
+
+        client._encode = encode_then_reuse_the_ring
+        stale = _generate(client, images[1])
+    assert first.token_ids == again.token_ids == expected[0]
+    assert engine._held.sent_by_id >= 1
+    assert stale.token_ids == expected[1] and stale.tensors_uploaded == 2
+    assert _only_references(process_llm.embeddings(-2), ring.name) and _only_bytes(process_llm.embeddings(-1))
 
 
 def test_llm_flag():

@@ -13,8 +13,10 @@ from llm_service.engine.held_embeddings import (
     HeldEmbeddings,
     HeldTensor,
     LostHeldEmbeddingError,
+    StorePlan,
 )
 from llm_service.engine.model_runner import PROMPT_TABLE, MultimodalEmbedding
+from vlm_protocol.errors import NotFoundError
 
 ROWS, HIDDEN = 4, 8  # one embedding: 4 x 8 float32 = 128 bytes
 NBYTES = ROWS * HIDDEN * 4
@@ -109,19 +111,41 @@ def test_an_add_that_was_not_sent_changes_nothing():
     assert how == ["whole"]
 
 
-def test_an_embedding_the_engine_lost_fails_one_request_then_goes_whole_again():
+def test_an_add_that_failed_before_its_store_is_forgotten_and_sent_whole_again():
     mirror, store = HeldEmbeddings(10 * NBYTES), EmbeddingStore()
-    sent, plan, order = mirror.plan(_input("r1", "a"))
-    mirror.commit(order, sent)  # ... but that add failed in the engine process before its store kept "a"
+    failed, failed_plan, order = mirror.plan(_input("r1", "a"))
+    mirror.commit(order, failed)  # sent; the engine process fails it before keeping "a" (a reused slot)
+    store.drop(failed_plan.drop)
+    # meanwhile the next add, already planned, sends "a" by id
     sent, plan, order = mirror.plan(_input("r2", "a"))
     mirror.commit(order, sent)
+    assert store.missing(failed, failed_plan) == ("a",)  # the failed add's reply names it ...
     with pytest.raises(LostHeldEmbeddingError, match="does not hold embedding a") as caught:
-        store.resolve(sent, plan.keep)
+        store.resolve(sent, plan.keep)  # ... and the add in flight fails too
     error = pickle.loads(pickle.dumps(caught.value))  # as it crosses the pipe
     assert isinstance(error, LostHeldEmbeddingError) and error.content_id == "a"
-    mirror.forget(error.content_id)
-    assert "a" not in mirror
+    assert store.missing(sent, plan) == ("a",)
+    mirror.forget("a")
+    assert "a" not in mirror and mirror.get("a") is None
     inp = _input("r3", "a")
     got, how = _send(mirror, store, inp)
-    assert how == ["whole"] and "a" in store
+    assert how == ["whole"] and "a" in store and store.missing(inp, StorePlan(keep=("a",))) == ()
     _assert_same_features(got, inp)
+
+
+def test_the_service_can_send_what_the_engine_holds_without_its_bytes():
+    mirror, store = HeldEmbeddings(10 * NBYTES), EmbeddingStore()
+    inp = _input("r1", "a")
+    _send(mirror, store, inp)
+    held = mirror.get("a")  # what the servicer adds to a request that names "a" by id
+    assert isinstance(held.features, HeldTensor) and held.features.shape == (ROWS, HIDDEN)
+    by_id = GenerationInput("r2", prompt="x", embeddings=(held,))
+    got, how = _send(mirror, store, by_id)
+    assert how == ["id"]
+    _assert_same_features(got, inp)
+    # dropped meanwhile (another add pushed it out): NOT_FOUND naming it, so the client resends it
+    mirror.budget_bytes = NBYTES
+    _send(mirror, store, _input("r3", "b"))
+    with pytest.raises(NotFoundError) as caught:
+        mirror.plan(by_id)
+    assert caught.value.content_ids == ("a",)
