@@ -145,11 +145,11 @@ async def serve(config: LlmServiceConfig) -> None:
         "loading %s on %s%s",
         config.model_dir,
         config.resolved_device,
-        " in an engine process" if config.engine_process else "",
+        " in an engine process" if config.use_engine_process else "",
     )
     engine: AsyncLLMEngine | ProcessEngineClient
     apply_torch_threads(config.torch_threads, config.resolved_device, service="llm service")
-    if config.engine_process:
+    if config.use_engine_process:
         engine = await asyncio.to_thread(ProcessEngineClient, config.engine_config())
     else:
         engine = AsyncLLMEngine(await asyncio.to_thread(EngineCore, config.engine_config()))

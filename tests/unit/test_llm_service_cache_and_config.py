@@ -108,3 +108,14 @@ def test_attention_and_graph_flags_reach_the_engine_config():
     assert config_from_args(args).engine_config().max_prefill_graph_tokens == 0
     args = build_parser().parse_args(["--model", "ckpt", "--device", "cuda", "--enforce-eager"])
     assert not config_from_args(args).engine_config().use_cuda_graphs
+
+
+def test_the_engine_runs_in_its_own_process_by_default_on_cuda_only():
+    def parse(*flags: str) -> LlmServiceConfig:
+        return config_from_args(build_parser().parse_args(["--model", "ckpt", *flags]))
+
+    assert parse("--device", "cuda").use_engine_process
+    assert parse("--device", "cuda:1").use_engine_process
+    assert not parse("--device", "cpu").use_engine_process
+    assert not parse("--device", "cuda", "--no-engine-process").use_engine_process
+    assert parse("--device", "cpu", "--engine-process").use_engine_process
