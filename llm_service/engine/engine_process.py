@@ -10,9 +10,11 @@ Wire: two one-way pipes, each message one tuple pickled with the standard pickle
 Embedding tensors of 1 MiB and more travel through a shared-memory ring the frontend owns
 (`staged_embeddings`: a `StagedTensor` reference in the message, the bytes copied once in and once
 out); smaller ones, and any the ring has no room for, inside the message (torch pickles a tensor's
-storage as bytes). `shared_memory_mb=0` sends everything through the pipe. An embedding the engine
-process already holds goes by content id alone (`held_embeddings`: the add's `StorePlan` says what
-it keeps and drops, within `embedding_store_bytes`).
+storage as bytes). `shared_memory_mb=0` sends everything through the pipe. An embedding the client
+sent as a reference into the encoder's ring arrives as a `StagedTensor` already (the service
+forwards it unread: `reads_shared_memory_in`) and the engine process reads the encoder's slot. An
+embedding the engine process already holds goes by content id alone (`held_embeddings`: the add's
+`StorePlan` says what it keeps and drops, within `embedding_store_bytes`).
 
     frontend -> engine   ("add", inp, StorePlan) | ("abort", request_id) | ("call", call_id, pickled (fn, args))
                          | ("shutdown",)
