@@ -215,6 +215,10 @@ def test_grpc_overhead_benchmark_smoke(scripts, tmp_path):
     assert "concurrency 4" in summary.summarize(out)["sources"]["grpc_overhead_pct_c64"]["reason"]
     headline["concurrency"] = 64  # the summary takes the figure only from a concurrency-64 run
     path.write_text(json.dumps(data))
+    # the service's default on CUDA runs the engine in its own process: the summary reports that mode
+    assert summary.summarize(out)["grpc_overhead_pct_c64"] == headline["grpc_engine_process_overhead_pct"]
+    del headline["grpc_engine_process_overhead_pct"]  # a run without that variant: the in-process service
+    path.write_text(json.dumps(data))
     assert summary.summarize(out)["grpc_overhead_pct_c64"] == headline["grpc_overhead_pct_c64"]
 
 
