@@ -92,7 +92,9 @@ COLUMNS = {
                     "hand-off to the engine; clamped at 0",
     "llm_tokenize_ms": "part of llm_other_ms: GenerateTimings.tokenize_ms (template + tokenizer)",
     "llm_inputs_ms": "part of llm_other_ms: GenerateTimings.inputs_ms (checking and decoding the sent "
-                     "embedding, its shared-memory read included, or looking up its content id)",
+                     "embedding, its shared-memory read included when the engine runs in the service's "
+                     "process (--engine-process reads it in the engine process: part of llm_other_ms, "
+                     "not of this), or looking up its content id)",
     "note": "p50/p90 are taken per column, so the columns' percentiles need not add up to ttft's",
 }
 SPLIT = ("preprocess_ms", "encode_ms", "encoder_rpc_ms", "transfer_ms", "queue_ms", "prefill_ms", "llm_other_ms")

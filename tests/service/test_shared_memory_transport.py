@@ -400,6 +400,9 @@ def test_engine_process_reads_the_encoders_slot_itself(stack, process_llm):
         assert process_llm.server.servicer.shared_memory.open_regions == ()  # not read by the service
         assert engine._stager.staged == 0 and engine.held_embedding(first.content_ids[0]) is not None
         again = _generate(client, images[0], stream=True)  # by id: the engine process holds it
+        # echo_prompt tokenizes in the engine process before the add, from the metadata alone
+        echoed = client.generate(PROMPT, images=[images[0]], max_tokens=2, temperature=0.0, echo_prompt=True)
+        assert echoed.prompt_token_ids and len(echoed.token_ids) == 2
 
         encode = client._encode
 
