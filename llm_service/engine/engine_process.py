@@ -112,8 +112,10 @@ def _engine_main(
     events: Connection,
     log_level: int,
     ring: tuple[str, str] | None = None,
+    store_bytes: int | None = None,
 ) -> None:
-    """Entry point of the engine process. `ring`: (directory, region name) of the frontend's ring."""
+    """Entry point of the engine process. `ring`: (directory, region name) of the frontend's ring;
+    `store_bytes`: the frontend's budget of embeddings held here (`held_embeddings`)."""
     # Ctrl-C in a terminal reaches the whole process group: the frontend drains and then stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=_LOG_FORMAT)
@@ -144,16 +146,20 @@ def _engine_main(
         return
     send(("ready", description))
     try:
-        _serve(core, commands, send, reader)
+        _serve(core, commands, send, reader, store_bytes)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.warning("the frontend went away; the engine process exits")  # it died: do not linger
 
 
 def _serve(
-    core: EngineCore, commands: Connection, send: Callable[[tuple], None], reader: SharedMemoryReader | None = None
+    core: EngineCore,
+    commands: Connection,
+    send: Callable[[tuple], None],
+    reader: SharedMemoryReader | None = None,
+    store_bytes: int | None = None,
 ) -> None:
     live: set[str] = set()
-    store = EmbeddingStore()
+    store = EmbeddingStore(None if store_bytes is None else 2 * store_bytes)  # a backstop: plans keep it within 1x
 
     def apply(message: tuple) -> bool:
         kind = message[0]
@@ -256,6 +262,7 @@ class ProcessEngineClient:
             args=(
                 config, core_factory, commands_out, events_in, logging.getLogger().getEffectiveLevel(),
                 None if self._stager is None else (str(self._stager.ring.directory), self._stager.ring.name),
+                embedding_store_bytes,
             ),
             name="llm-engine",
             daemon=True,  # never outlives the frontend's interpreter

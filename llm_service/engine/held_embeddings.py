@@ -6,11 +6,15 @@ in its own process it cost a repeat ~3 ms more "LLM other" than in-process (3.8 
 concurrency 1, H200 host, session 8): the 4.7 MB went through the ring again although the engine
 process had read it for the first request.
 
-The frontend alone decides what the engine process keeps. `HeldEmbeddings.plan` (on the sender
-thread, so in pipe order) replaces each embedding the engine process holds by a `HeldTensor` and
-names, in the add command, which of the request's embeddings to keep and which held ones to drop
-(least recently sent first, within a byte budget). The engine process does exactly that
-(`EmbeddingStore.apply`), in command order, so both sides agree without a reply.
+The frontend decides what the engine process keeps. `HeldEmbeddings.plan` (on the sender thread,
+so in pipe order) replaces each embedding the engine process holds by a `HeldTensor` and names, in
+the add command, which of the request's embeddings to keep and which held ones to drop (least
+recently sent first, within a byte budget). The engine process does that (`EmbeddingStore`), in
+command order, so both sides agree without a reply on the happy path. An add that fails before its
+features were read (a forwarded shared-memory slot reused meanwhile) names in its reply what the
+engine process does not hold, and the frontend forgets those (`forget`); a request already on its
+way with one of them by id fails with `LostHeldEmbeddingError` (INTERNAL, retry). As a backstop the
+store never holds more than twice the budget (oldest first out), whatever a race left behind.
 """
 
 from __future__ import annotations
@@ -154,12 +158,26 @@ class EmbeddingStore:
     Per add: `drop(plan.drop)` first (also when the add fails later), then `resolve(inp, plan.keep)`;
     a failed add reports `missing(...)` back, so that the frontend's mirror stays a subset of it."""
 
-    def __init__(self) -> None:
-        self._tensors: dict[str, torch.Tensor] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes  # None: only the plans bound it
+        self._tensors: dict[str, torch.Tensor] = {}  # oldest kept first
+        self._bytes = 0
 
     def drop(self, content_ids: tuple[str, ...]) -> None:
         for content_id in content_ids:
-            self._tensors.pop(content_id, None)
+            self._pop(content_id)
+
+    def _pop(self, content_id: str) -> None:
+        tensor = self._tensors.pop(content_id, None)
+        if tensor is not None:
+            self._bytes -= tensor.numel() * tensor.element_size()
+
+    def _keep(self, content_id: str, tensor: torch.Tensor) -> None:
+        self._pop(content_id)
+        self._tensors[content_id] = tensor
+        self._bytes += tensor.numel() * tensor.element_size()
+        while self.max_bytes is not None and self._bytes > self.max_bytes and len(self._tensors) > 1:
+            self._pop(next(iter(self._tensors)))  # a later by-id use fails LostHeld and heals
 
     def resolve(self, inp: GenerationInput, keep: tuple[str, ...]) -> GenerationInput:
         """`inp` with every `HeldTensor` replaced by the features held; keeps those named in `keep`."""
@@ -171,8 +189,8 @@ class EmbeddingStore:
                 if features is None or features.dtype != held.dtype or tuple(features.shape) != held.shape:
                     raise LostHeldEmbeddingError(held.content_id)
                 embeddings[i] = dataclasses.replace(embedding, features=features)
-            elif embedding.content_id in keep:
-                self._tensors[embedding.content_id] = embedding.features
+            elif embedding.content_id in keep and isinstance(held, torch.Tensor):
+                self._keep(embedding.content_id, held)
         return dataclasses.replace(inp, embeddings=tuple(embeddings)) if inp.embeddings else inp
 
     def missing(self, sent: GenerationInput, plan: StorePlan) -> tuple[str, ...]:

@@ -149,3 +149,15 @@ def test_the_service_can_send_what_the_engine_holds_without_its_bytes():
     with pytest.raises(NotFoundError) as caught:
         mirror.plan(by_id)
     assert caught.value.content_ids == ("a",)
+
+
+def test_the_engines_store_never_outgrows_its_backstop():
+    """Whatever a race left behind, the engine process holds at most `max_bytes` (oldest out first);
+    a later by-id use of what it let go fails LostHeld, which the frontend heals."""
+    store = EmbeddingStore(max_bytes=2 * NBYTES)
+    for request_id, content_id in (("r1", "a"), ("r2", "b"), ("r3", "c")):
+        store.resolve(_input(request_id, content_id), keep=(content_id,))
+    assert "a" not in store and "b" in store and "c" in store and len(store) == 2
+    store.resolve(_input("r4", "b"), keep=("b",))  # kept again: now the newest
+    store.resolve(_input("r5", "d"), keep=("d",))
+    assert "c" not in store and "b" in store and "d" in store
