@@ -469,26 +469,13 @@ class SharedMemoryReader:
         ``expected_length``: bytes the tensor's dtype and shape call for; the slice must have exactly
         that many. ``field`` prefixes error messages.
         """
+        self.check(slice_, expected_length=expected_length, field=field)
         region, offset, length, generation = (
             slice_.region,
             int(slice_.offset),
             int(slice_.length),
             int(slice_.generation),
         )
-        if not is_region_name(region):
-            raise InvalidArgumentError(
-                f"{field}.region {region[:80]!r} is not a shared-memory region name of this system "
-                "(vlm-emb-<pid>-<32 hex digits>)"
-            )
-        if expected_length is not None and length != expected_length:
-            raise InvalidArgumentError(
-                f"{field}.length is {length} bytes but the tensor's dtype and shape need {expected_length}"
-            )
-        if offset < HEADER_BYTES or offset % SLOT_ALIGNMENT:
-            raise InvalidArgumentError(
-                f"{field}.offset {offset} is not a slot payload offset (a multiple of {SLOT_ALIGNMENT}, "
-                f">= {HEADER_BYTES})"
-            )
         with self._lock:
             mapping = self._mapping(region)
             if offset + length > mapping.size:
@@ -517,6 +504,26 @@ class SharedMemoryReader:
                     f"{field}: the shared-memory slot was reused while it was read; resend the embedding bytes"
                 )
             return data
+
+    @staticmethod
+    def check(slice_: SliceLike, *, expected_length: int | None = None, field: str = "shared_memory") -> None:
+        """The checks `read` makes of a slice before it opens anything: a region name of this system,
+        a slot payload offset, and ``expected_length``; InvalidArgumentError naming ``field``."""
+        region, offset, length = slice_.region, int(slice_.offset), int(slice_.length)
+        if not is_region_name(region):
+            raise InvalidArgumentError(
+                f"{field}.region {region[:80]!r} is not a shared-memory region name of this system "
+                "(vlm-emb-<pid>-<32 hex digits>)"
+            )
+        if expected_length is not None and length != expected_length:
+            raise InvalidArgumentError(
+                f"{field}.length is {length} bytes but the tensor's dtype and shape need {expected_length}"
+            )
+        if offset < HEADER_BYTES or offset % SLOT_ALIGNMENT:
+            raise InvalidArgumentError(
+                f"{field}.offset {offset} is not a slot payload offset (a multiple of {SLOT_ALIGNMENT}, "
+                f">= {HEADER_BYTES})"
+            )
 
     def prefault(self, region: str) -> None:
         """Map `region` now and touch every page (one read per page), so that first reads of its slots

@@ -228,9 +228,10 @@ def decode_torch(
 
 def shared_memory_reference(tensor: common_pb2.Tensor, *, field: str = "tensor") -> tuple[str, tuple[int, ...]] | None:
     """For a ``Tensor`` whose elements are in shared memory: (dtype name, shape) after the checks a
-    read makes first (dtype, dimensions, ``shared_memory.length`` against them), without reading the
-    elements; whoever reads them later (``SharedMemoryReader.read`` of ``tensor.shared_memory``)
-    checks the slot itself. None for a tensor sent as bytes."""
+    read makes before it opens the region (dtype, dimensions, the slice's region name, offset and
+    length against them: ``SharedMemoryReader.check``), without reading the elements; whoever reads
+    them later (``SharedMemoryReader.read`` of ``tensor.shared_memory``) checks the slot itself.
+    None for a tensor sent as bytes."""
     if not _has_shared_memory(tensor):
         return None
     _, name = _resolve_data_type(tensor.dtype, f"{field}.dtype")
@@ -240,14 +241,10 @@ def shared_memory_reference(tensor: common_pb2.Tensor, *, field: str = "tensor")
             raise TensorFormatError(f"{field}.shape", f"dimension {index} is {dim}; dimensions must be >= 0")
     if tensor.data:
         raise TensorFormatError(field, "has both data and shared_memory set; send the elements in one of them")
-    itemsize = NUMPY_DTYPES[name].itemsize
-    expected_bytes = math.prod(shape) * itemsize
-    if tensor.shared_memory.length != expected_bytes:
-        raise TensorFormatError(
-            f"{field}.shared_memory.length",
-            f"expected {expected_bytes} bytes for shape {list(shape)} of {name} ({itemsize} bytes each), "
-            f"got {tensor.shared_memory.length}",
-        )
+    from vlm_protocol.shared_memory import SharedMemoryReader  # noqa: PLC0415 - the codec loads without it
+
+    expected_bytes = math.prod(shape) * NUMPY_DTYPES[name].itemsize
+    SharedMemoryReader.check(tensor.shared_memory, expected_length=expected_bytes, field=f"{field}.shared_memory")
     return name, shape
 
 

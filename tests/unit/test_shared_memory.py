@@ -33,7 +33,13 @@ from vlm_protocol.shared_memory import (
     SharedMemoryRingFullError,
     SharedMemorySlice,
 )
-from vlm_protocol.tensor_codec import TensorFormatError, decode_numpy, decode_torch, encode_torch
+from vlm_protocol.tensor_codec import (
+    TensorFormatError,
+    decode_numpy,
+    decode_torch,
+    encode_torch,
+    shared_memory_reference,
+)
 
 pytestmark = pytest.mark.skipif(not shm.SHM_DIRECTORY.is_dir(), reason="no /dev/shm on this host")
 
@@ -425,6 +431,29 @@ def test_stale_slice_through_the_codec_is_not_found(reader):
             ring.put(b"\1" * 3000)  # wraps and overwrites it
         with pytest.raises(StaleSharedMemoryError):
             decode_torch(message, shared_memory=reader)
+
+
+def test_codec_describes_a_shared_memory_tensor_without_reading_it(ring):
+    """What the LLM service forwards to its engine process: checked like a read, nothing read."""
+    value = torch.randn(3, 4).to(torch.bfloat16)
+    message = _shared_tensor(ring, value)
+    assert shared_memory_reference(message, field="f") == ("bfloat16", (3, 4))
+    assert shared_memory_reference(encode_torch(value)) is None  # sent as bytes
+    message.shape[:] = [3, 5]
+    with pytest.raises(InvalidArgumentError, match="f.shared_memory.length is 24 bytes but .* need 30"):
+        shared_memory_reference(message, field="f")
+    message.shape[:] = [3, 4]
+    message.shared_memory.region = "../etc/passwd"
+    with pytest.raises(InvalidArgumentError, match="not a shared-memory region name"):
+        shared_memory_reference(message, field="f")
+    message = _shared_tensor(ring, value)
+    message.shared_memory.offset += 1
+    with pytest.raises(InvalidArgumentError, match="not a slot payload offset"):
+        shared_memory_reference(message)
+    message = _shared_tensor(ring, value)
+    message.data = b"\0" * 24
+    with pytest.raises(TensorFormatError, match="both data and shared_memory"):
+        shared_memory_reference(message)
 
 
 def test_region_paths_stay_in_the_shm_directory():
