@@ -346,6 +346,8 @@ def run(args, model_dir: Path, gpu: bool, concurrencies: list[int], outputs: lis
                         ("hidden_size", "num_hidden_layers", "vocab_size")},
         "image": f"{IMAGE_SIZE}x{IMAGE_SIZE} PNG of random pixels",
         "llm_args": llm_args, "encoder_args": encoder_args,
+        # the service's default: the engine in its own process on CUDA (llm_service --engine-process)
+        "llm_engine_process": "--no-engine-process" not in llm_args and (gpu or "--engine-process" in llm_args),
         "embedding_transport": args.embedding_transport,
         "client": "client_sdk.Client, streaming, one client shared by `concurrency` threads (closed loop)",
         "columns": COLUMNS,

@@ -173,6 +173,7 @@ def test_multimodal_benchmark_smoke(scripts, tmp_path):
         # default transport auto, both services on loopback: every embedding went through /dev/shm
         assert point["shared_memory_requests"] == point["num_requests"]
     assert s3["embedding_transport"] == "auto" and "--shared-memory-mb" in s3["encoder_args"]
+    assert s3["llm_engine_process"] is False  # CPU: the engine runs in the service's process
     assert set(s3["columns"]) >= {"preprocess_ms", "encode_ms", "transfer_ms", "prefill_ms"}
     assert s3["headline"]["image_ttft_ms_c1"] > 0
     repeat = next(p for p in s5["points"] if p["concurrency"] == 1)
