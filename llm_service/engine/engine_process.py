@@ -84,8 +84,6 @@ _counters = {"steps": 0, "requests_added": 0, "live_aborts": 0}
 def process_counters(core: EngineCore) -> dict[str, int]:
     """steps run, requests added, and aborts that cancelled a live request, in the engine process;
     and the engine loop's torch CPU threads per operator (`--torch-threads`)."""
-    import torch
-
     return {**_counters, "torch_threads": torch.get_num_threads()}
 
 
