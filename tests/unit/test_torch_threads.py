@@ -19,12 +19,16 @@ from vlm_protocol.torch_threads import apply_torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Each case in a fresh interpreter: the count is process state. Prints: returned, main thread's count
-# after, a thread started afterwards.
+# Each case in a fresh interpreter: the count is process state. The probe first sets torch's count to
+# START (0: leave torch's own) so that every case means the same on any number of cores. Prints:
+# returned, main thread's count after, a thread started afterwards.
+START = 3
 _PROBE = textwrap.dedent(
     """
     import sys, threading, torch
     from vlm_protocol.torch_threads import apply_torch_threads
+    if int(sys.argv[4]):
+        torch.set_num_threads(int(sys.argv[4]))
     got = apply_torch_threads(int(sys.argv[1]), sys.argv[2], service="test", cuda_auto=int(sys.argv[3]))
     seen = []
     worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -35,14 +39,14 @@ _PROBE = textwrap.dedent(
 
 
 def _probe(
-    requested: int, device: str, omp_num_threads: str | None = None, cuda_auto: int = 1
+    requested: int, device: str, omp_num_threads: str | None = None, cuda_auto: int = 1, start: int = START
 ) -> tuple[int, int, int]:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = str(ROOT)
     if omp_num_threads is not None:
         env["OMP_NUM_THREADS"] = omp_num_threads
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(requested), device, str(cuda_auto)],
+        [sys.executable, "-c", _PROBE, str(requested), device, str(cuda_auto), str(start)],
         env=env,
         capture_output=True,
         text=True,
@@ -58,22 +62,13 @@ def test_auto_is_one_thread_for_a_cuda_model_in_every_later_thread():
 
 
 def test_the_encoders_auto_is_at_most_its_cap():
-    import torch
-
-    default = torch.get_num_threads()
-    assert _probe(0, "cuda", cuda_auto=ENCODER_CUDA_THREADS)[0] == min(ENCODER_CUDA_THREADS, default)
-    if default >= 2:
-        assert _probe(0, "cuda", cuda_auto=2) == (2, 2, 2)
+    assert _probe(0, "cuda", cuda_auto=ENCODER_CUDA_THREADS) == (min(ENCODER_CUDA_THREADS, START),) * 3
+    assert _probe(0, "cuda", cuda_auto=2) == (2, 2, 2)
 
 
 def test_auto_keeps_torch_default_on_cpu_and_an_explicit_omp_setting():
-    import torch
-
-    default = torch.get_num_threads()  # this interpreter has the same environment and cores
-    if default < 2:
-        pytest.skip("one core: the default and 1 thread cannot be told apart")
-    assert _probe(0, "cpu", omp_num_threads=None) == (default, default, default)
-    assert _probe(0, "cuda", omp_num_threads="2") == (2, 2, 2)
+    assert _probe(0, "cpu") == (START, START, START)
+    assert _probe(0, "cuda", omp_num_threads="2", start=0) == (2, 2, 2)  # torch read OMP_NUM_THREADS
 
 
 def test_an_explicit_count_wins():
