@@ -372,7 +372,9 @@ def load_hf_modules(checkpoint: Path, device: torch.device, dtype: torch.dtype):
 def hf_computes(tower, projector, config) -> tuple[TowerProjector, TowerProjector]:
     """Tower + projector over the unfused HF modules (shared): (HF's forward with a hook on the
     selected layer, i.e. the engine before this change; the layer walk)."""
-    walking = LayerSelectingTower(tower, config.vision_feature_layer, fuse_qkv=False)  # truncates `tower`
+    walking = LayerSelectingTower(  # truncates `tower`
+        tower, config.vision_feature_layer, fuse_qkv=False, unfold_patches=False
+    )
     hooked = copy.copy(walking)  # same modules, its own flag
     hooked.walks_layers = False
     drop_cls = config.vision_feature_select_strategy == "default"

@@ -20,6 +20,7 @@ from encoder_service.config import EncoderConfig, default_batch_buckets
 from encoder_service.engines import MediaInput, load_visual_engine
 from encoder_service.engines.base import PreparedInput, rows_to_host, tensors_to_host
 from encoder_service.engines.compiled import BucketedCompute, CompileSettings, parse_buckets
+from encoder_service.engines.patch_embedding import PatchLinear
 from encoder_service.engines.towers import LayerSelectingTower
 from encoder_service.server import build_server, fast_path_settings
 from tests.encoder.fakes import FakeEngine, fake_checkpoint
@@ -445,8 +446,9 @@ def test_layer_walk_returns_hf_hidden_states(kind, layers, fuse):
     hidden_states = reference(pixel_values=x, output_hidden_states=True).hidden_states
     tower = AutoModel.from_config(config).eval()
     tower.load_state_dict(reference.state_dict())
-    selecting = LayerSelectingTower(tower, layers, fuse_qkv=fuse)
-    assert selecting.walks_layers and selecting.fused_qkv is fuse
+    selecting = LayerSelectingTower(tower, layers, fuse_qkv=fuse, unfold_patches=fuse)
+    assert selecting.walks_layers and selecting.fused_qkv is fuse and selecting.unfolds_patches is fuse
+    assert isinstance(tower.embeddings.patch_embedding, PatchLinear) is fuse
     indices = [layers] if isinstance(layers, int) else layers
     expected = torch.cat([hidden_states[i] for i in indices], dim=-1)
     torch.testing.assert_close(selecting(x), expected, atol=1e-5, rtol=1e-5)
@@ -464,7 +466,7 @@ def test_an_unknown_tower_runs_hf_forward_with_hooks():
     other = OtherVisionModel(config).eval()
     other.load_state_dict(reference.state_dict())
     selecting = LayerSelectingTower(other, -2)
-    assert not selecting.walks_layers and not selecting.fused_qkv
+    assert not selecting.walks_layers and not selecting.fused_qkv and not selecting.unfolds_patches
     x = torch.randn(2, 3, 28, 28)
     expected = reference(pixel_values=x, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(selecting(x), expected, atol=1e-5, rtol=1e-5)
@@ -477,7 +479,7 @@ def test_compute_traces_as_one_graph(tiny_checkpoint, family):
     import torch._dynamo
 
     engine = load_visual_engine(tiny_checkpoint(family))
-    assert engine.compute.vision_tower.fused_qkv
+    assert engine.compute.vision_tower.fused_qkv and engine.compute.vision_tower.unfolds_patches
     size = engine.image_size
     torch._dynamo.reset()
     with torch.no_grad():

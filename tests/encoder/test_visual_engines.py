@@ -96,9 +96,13 @@ def _chat(processor, *, images: int = 0, videos: int = 0) -> str:
 
 
 def _assert_close(ours: torch.Tensor, ref: torch.Tensor, atol: float = ATOL) -> None:
+    """Max abs difference within `atol` times the reference's largest magnitude (at least 1): fp32
+    sums in another order (our patch GEMM against HF's convolution) differ at ~1e-6 of the values,
+    and tiny random towers reach magnitudes of ~70; a real error is O(1)."""
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     diff = (ours.float() - ref.float()).abs().max().item()
-    assert diff <= atol, f"max abs diff {diff:.3g} > {atol}"
+    bound = atol * max(1.0, ref.float().abs().max().item())
+    assert diff <= bound, f"max abs diff {diff:.3g} > {bound:.3g} (reference max {ref.abs().max():.3g})"
 
 
 # ------------------------------------------------------------------------------------ metadata
