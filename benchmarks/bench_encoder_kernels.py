@@ -6,7 +6,7 @@ calls after warm-up):
   mlp_fc1     `act(x @ W1.T + b1)` for x [B * 577, 1024], W1 [4096, 1024], QuickGELU: cuBLAS linear +
               Inductor's activation kernel (torch.compile of the pair, what the compiled tower runs),
               cuBLAS alone (the GEMM's floor), and the fused Triton kernel
-              (encoder_service/engines/triton_linear.py) with each candidate config
+              (benchmarks/triton_linear_experiment.py) with each candidate config
   patch       the 14x14/14 patch convolution (cuDNN) against `PatchLinear` (unfold + one GEMM), eager
               and compiled, on bf16 pixels [B, 3, 336, 336]
   attention   SDPA over the fused q/k/v layout ([B, 577, 3, 16, 64] views) with each backend
@@ -29,14 +29,16 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from encoder_service.engines.patch_embedding import PatchLinear  # noqa: E402
-from encoder_service.engines.triton_linear import (  # noqa: E402
+from triton_linear_experiment import (  # noqa: E402
     CANDIDATES,
     LinearConfig,
     linear_activation,
     linear_activation_tma,
 )
+
+from encoder_service.engines.patch_embedding import PatchLinear  # noqa: E402
 
 TOKENS, HIDDEN, INTERMEDIATE, HEADS, PATCH, IMAGE = 577, 1024, 4096, 16, 14, 336
 

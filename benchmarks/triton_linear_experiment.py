@@ -1,19 +1,20 @@
-"""`act(x @ W.T + b)` in one Triton kernel: a vision MLP's first linear with its activation fused.
+"""Experiment (not used by the service): `act(x @ W.T + b)` in one Triton kernel, a vision MLP's first
+linear with its activation fused, in two forms: a tiled kernel on pointer loads and a persistent one
+on TMA descriptors (optionally warp-specialized).
 
-Why: in a compiled ViT-L/14-336 at batch 64 the activation after `fc1` is a kernel of its own that
-reads and writes the whole `[B * 577, 4096]` intermediate (600 MB per layer); on an H100 it is ~8 % of
-the encoder's GPU time (benchmarks/results/encoder_kernels_bs64.txt, `triton_poi_fused_mul_sigmoid`).
-cuBLAS epilogues offer only erf/tanh GELU, not CLIP's QuickGELU, so Inductor cannot fold it into the
-GEMM. Here the activation runs on the accumulator tile in registers, before the single store.
+Why it was tried: in the compiled ViT-L/14-336 at batch 64 the QuickGELU after `fc1` is a kernel of
+its own that reads and writes the whole `[B * 577, 4096]` intermediate (600 MB per layer): 23 x 270 us
+= 6.2 ms of a 51.3 ms call on an H200 (benchmarks/results/encoder_kernels_bs64_h200.txt). cuBLAS
+epilogues offer erf/tanh GELU but not QuickGELU, so Inductor cannot fold it into the GEMM.
 
-Numerics match the compiled module's two kernels: the GEMM accumulates in fp32, adds the bias and
-rounds to the model dtype (as cuBLAS's output is rounded), then the activation runs in fp32 on that
-rounded value and rounds once more (as Inductor's fused pointwise kernel does). Only the fp32
-accumulation order differs from cuBLAS.
+Why it is not used: on the H200 (benchmarks/results/encoder_kernels_h200.json, bs 64) the best fused
+kernel takes 0.670 ms (TMA, persistent, 128x256x64, 462 TFLOP/s) against 0.623 ms for cuBLAS
+(0.434 ms, 714 TFLOP/s) plus Inductor's activation kernel; the pointer-load kernel reaches 417 TFLOP/s.
+Triton 3.6's Hopper GEMMs lose more on the product than the fusion saves.
 
-`LinearActivation.calibrate` decides per shape whether the kernel is used, by timing it against
-cuBLAS + the compiled activation on the device at engine start (`encoder_service/engines/fused_mlp.py`);
-a GPU where cuBLAS + a separate pass wins keeps that.
+Numerics match the compiled pair: fp32 accumulation, bias added, rounded to the model dtype (as
+cuBLAS's output is), the activation in fp32 on that value, rounded once more. Checked by
+bench_encoder_kernels.py (max abs diff 0 against the compiled pair at bs 64).
 """
 
 from __future__ import annotations
