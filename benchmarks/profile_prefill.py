@@ -104,7 +104,7 @@ def _profile_image(
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     _sync(device)
-    with torch.profiler.profile(activities=activities, with_stack=False) as prof:
+    with torch.profiler.profile(activities=activities, with_stack=trace) as prof:
         t0 = time.perf_counter()
         timing = _first_token(engine, inp, device)
         wall = 1e3 * (time.perf_counter() - t0)
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default="default", help="comma list: default, eager (enforce_eager), batched, cublas (no skinny GEMM)"
     )
-    parser.add_argument("--trace", action="store_true", help="also write Chrome traces of an image and a repeat "
-                        "prefill, and a cProfile of a repeat")
+    parser.add_argument("--trace", action="store_true", help="also write Chrome traces (with Python stacks) of an "
+                        "image and a repeat prefill, and cProfiles of both")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             feats, cid = make(), f"trace-{uuid.uuid4().hex}"
             point["trace_image"] = _profile_image(engine, feats, device, args.out, f"{variant}_image", cid, True)
             point["trace_repeat"] = _profile_image(engine, feats, device, args.out, f"{variant}_repeat", cid, True)
-            host = cProfile.Profile()
-            host.enable()
-            _first_token(engine, _image_input(engine, cid, feats), device)
-            host.disable()
-            text = io.StringIO()
-            pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(50)
-            (args.out / f"profile_prefill_{variant}_repeat_host.txt").write_text(text.getvalue())
+            for tag, content_id, rows in (("repeat", cid, feats), ("image", f"host-{uuid.uuid4().hex}", make())):
+                host = cProfile.Profile()
+                host.enable()
+                _first_token(engine, _image_input(engine, content_id, rows), device)
+                host.disable()
+                text = io.StringIO()
+                pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(50)
+                (args.out / f"profile_prefill_{variant}_{tag}_host.txt").write_text(text.getvalue())
         results["variants"][variant] = point
         print(variant, json.dumps({k: v for k, v in point.items() if k != "profile_image"}), flush=True)
         print(
