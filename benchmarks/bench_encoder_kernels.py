@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_encoder import time_calls  # noqa: E402
 from triton_linear_experiment import (  # noqa: E402
     CANDIDATES,
     LinearConfig,
@@ -44,18 +45,7 @@ TOKENS, HIDDEN, INTERMEDIATE, HEADS, PATCH, IMAGE = 577, 1024, 4096, 16, 14, 336
 
 
 def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, iters, torch.device("cuda")))
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
