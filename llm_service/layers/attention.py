@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_service.layers.sampler import to_device
+
 if TYPE_CHECKING:
     from llm_service.layers.triton_prefill import PrefillPlan
 
@@ -212,31 +214,39 @@ class AttentionMetadata:
         """
         num_seqs = len(query_lens)
         assert num_seqs == len(seq_lens) == len(block_tables) > 0
-        q_lens = torch.tensor(query_lens, dtype=torch.long)  # [B]
-        ctx_lens = torch.tensor(seq_lens, dtype=torch.long)  # [B]
-        assert bool((q_lens >= 1).all()) and bool((q_lens <= ctx_lens).all())
-        q_start = torch.zeros(num_seqs + 1, dtype=torch.long)
-        torch.cumsum(q_lens, 0, out=q_start[1:])  # [B + 1]
-        num_tokens = int(q_start[-1])
-        tables = padded_block_tables(block_tables)  # [B, max_blocks]
+        # Index arithmetic in numpy: a step's host work, and numpy's per-op cost on these small arrays
+        # is a fraction of torch's (a 607-token prompt: 0.5 -> 0.2 ms on the 2-core CI VM).
+        q_lens_np = np.asarray(query_lens, dtype=np.int64)  # [B]
+        ctx_lens_np = np.asarray(seq_lens, dtype=np.int64)  # [B]
+        assert bool((q_lens_np >= 1).all()) and bool((q_lens_np <= ctx_lens_np).all())
+        q_start_np = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens_np, out=q_start_np[1:])  # [B + 1]
+        num_tokens = int(q_start_np[-1])
+        tables = padded_block_tables(block_tables)  # [B, max_blocks] host (a view of a numpy array)
+        tables_np = tables.numpy()
 
         # token t of sequence s sits at position (seq_len - query_len)[s] + (t - q_start[s])
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
-        positions = torch.arange(num_tokens) + (ctx_lens - q_lens - q_start[:-1])[seq_of_token]  # [T]
-        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size  # [T]
+        seq_of_token = np.repeat(np.arange(num_seqs), q_lens_np)  # [T]
+        positions = np.arange(num_tokens) + (ctx_lens_np - q_lens_np - q_start_np[:-1])[seq_of_token]  # [T]
+        slots = tables_np[seq_of_token, positions // block_size] * block_size + positions % block_size  # [T]
+        # One host-to-device copy for the three: [slots (T) | positions (T) | block tables (B * nb)]
+        packed = to_device(torch.from_numpy(np.concatenate([slots, positions, tables_np.reshape(-1)])), device)
 
         meta = cls(
-            slot_mapping=slots.to(device),
-            block_tables=tables.to(device),
-            query_start_loc=q_start.tolist(),
+            slot_mapping=packed[:num_tokens],
+            block_tables=packed[2 * num_tokens :].view(tables.shape),
+            query_start_loc=q_start_np.tolist(),
             seq_lens=list(seq_lens),
             block_size=block_size,
             backend=backend,
         )
+        q_lens, ctx_lens, q_start = (torch.from_numpy(a) for a in (q_lens_np, ctx_lens_np, q_start_np))
         if backend in ("batched", "triton"):
-            is_decode = q_lens == 1
-            num_keys = -(-ctx_lens // block_size) * block_size  # [B] key positions each sequence gathers
-            decode_seqs = is_decode.nonzero().flatten()
+            is_decode_np = q_lens_np == 1
+            is_decode = torch.from_numpy(is_decode_np)
+            # [B] key positions each sequence gathers
+            num_keys = torch.from_numpy(-(-ctx_lens_np // block_size) * block_size)
+            decode_seqs = torch.from_numpy(np.flatnonzero(is_decode_np))
             if backend == "triton":  # reads blocks in place: one group, no gather budget
                 decode_groups = [decode_seqs] if len(decode_seqs) else []
             else:
@@ -253,10 +263,10 @@ class AttentionMetadata:
                     )
                 )
             if backend == "triton":
-                if not bool(is_decode.all()):
+                if not is_decode_np.all():
                     from llm_service.layers.triton_prefill import PrefillPlan  # needs triton: imported on use
 
-                    meta.prefill = PrefillPlan.build(q_lens, ctx_lens, meta.block_tables, select=~is_decode)
+                    meta.prefill = PrefillPlan.build(q_lens_np, ctx_lens_np, meta.block_tables, select=~is_decode_np)
             else:
                 for seqs in _split_by_gather((~is_decode).nonzero().flatten(), num_keys, max_gather_tokens):
                     meta.groups.append(
@@ -264,7 +274,7 @@ class AttentionMetadata:
                             tables[seqs], ctx_lens[seqs], q_lens[seqs], q_start[seqs], block_size, device
                         )
                     )
-        return meta, positions.to(device)
+        return meta, packed[num_tokens : 2 * num_tokens]
 
 
 def padded_block_tables(

@@ -82,28 +82,30 @@ class PrefillPlan:
     @classmethod
     def build(
         cls,
-        query_lens: Sequence[int] | torch.Tensor,
-        seq_lens: Sequence[int] | torch.Tensor,
+        query_lens: Sequence[int] | np.ndarray | torch.Tensor,
+        seq_lens: Sequence[int] | np.ndarray | torch.Tensor,
         block_tables: torch.Tensor,
-        select: torch.Tensor | None = None,
+        select: np.ndarray | torch.Tensor | None = None,
     ) -> PrefillPlan:
         """A plan for the sequences `select` (bool `[B]`, default all) of a batch whose block tables are
-        already on the device. One host-to-device copy."""
-        q_lens = torch.as_tensor(query_lens, dtype=torch.long)  # [B]
-        ctx_lens = torch.as_tensor(seq_lens, dtype=torch.long)  # [B]
+        already on the device. One host-to-device copy; the host arithmetic is numpy's (cheaper than
+        torch's per op on arrays this small)."""
+        q_lens = np.asarray(query_lens, dtype=np.int64)  # [B]
+        ctx_lens = np.asarray(seq_lens, dtype=np.int64)  # [B]
         num_seqs = len(q_lens)
         assert num_seqs == len(ctx_lens) == block_tables.shape[0] and bool((q_lens <= ctx_lens).all())
-        seq_ids = torch.arange(num_seqs) if select is None else select.nonzero().flatten()
-        packed = torch.zeros(2 * num_seqs + 1, dtype=torch.int32)  # [query_start (B + 1) | seq_lens (B)]
-        torch.cumsum(q_lens, 0, out=packed[1 : num_seqs + 1])
+        seq_ids = np.arange(num_seqs) if select is None else np.flatnonzero(np.asarray(select))
+        packed = np.zeros(2 * num_seqs + 1, dtype=np.int32)  # [query_start (B + 1) | seq_lens (B)]
+        packed[1 : num_seqs + 1] = np.cumsum(q_lens)
         packed[num_seqs + 1 :] = ctx_lens
-        packed = to_device(packed, block_tables.device)  # pinned, non-blocking: no wait on the GPU queue
+        # pinned, non-blocking: no wait on the GPU queue
+        packed_device = to_device(torch.from_numpy(packed), block_tables.device)
         return cls(
-            seq_ids=seq_ids.numpy(),
-            query_lens=q_lens[seq_ids].numpy(),
-            prefix_lens=(ctx_lens - q_lens)[seq_ids].numpy(),
-            query_start=packed[: num_seqs + 1],
-            seq_lens=packed[num_seqs + 1 :],
+            seq_ids=seq_ids,
+            query_lens=q_lens[seq_ids],
+            prefix_lens=(ctx_lens - q_lens)[seq_ids],
+            query_start=packed_device[: num_seqs + 1],
+            seq_lens=packed_device[num_seqs + 1 :],
             block_tables=block_tables,
         )
 
