@@ -139,6 +139,34 @@ def test_metadata_groups_and_slots():
     assert prefill.mask[1, 0, 4].nonzero().flatten().tolist() == list(range(7))
 
 
+def test_triton_metadata_is_one_copy_per_kind(monkeypatch):
+    """Slots, positions and block tables reach the device in one copy (plus the prefill plan's own);
+    the results are the same values as the per-token formulas give."""
+    pytest.importorskip("triton")
+    import llm_service.layers.attention as attention
+    import llm_service.layers.triton_prefill as triton_prefill
+
+    copies = []
+
+    def counting(t, device):
+        copies.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(attention, "to_device", counting)
+    monkeypatch.setattr(triton_prefill, "to_device", counting)
+    block_size, query_lens, seq_lens = 4, [3, 5, 2], [3, 7, 9]
+    tables = [[7], [4, 1], [2, 5, 9]]
+    meta, positions = AttentionMetadata.build(
+        query_lens=query_lens, seq_lens=seq_lens, block_tables=tables, block_size=block_size,
+        device=torch.device("cpu"), backend="triton",
+    )  # fmt: skip
+    assert copies == [(2 * 10 + 3 * 3,), (2 * 3 + 1,)]  # [slots | positions | tables], [q_start | seq_lens]
+    assert positions.tolist() == [0, 1, 2, 2, 3, 4, 5, 6, 7, 8]
+    assert meta.slot_mapping.tolist() == [28, 29, 30, 18, 19, 4, 5, 6, 23, 36]
+    assert meta.block_tables.tolist() == [[7, 0, 0], [4, 1, 0], [2, 5, 9]]
+    assert meta.prefill.query_start.tolist() == [0, 3, 8, 10] and meta.prefill.seq_lens.tolist() == seq_lens
+
+
 def test_gather_budget_splits_by_length():
     # 6 decode sequences; a budget of 32 key positions: the longest alone, then runs of similar length
     seq_lens = [3, 30, 5, 17, 2, 9]
