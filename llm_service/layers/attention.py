@@ -209,8 +209,8 @@ class AttentionMetadata:
         """Metadata for one step, and the position of every new token (`[T]` int64, on `device`).
 
         Sequence i computes its positions `[seq_lens[i] - query_lens[i], seq_lens[i])`, whose K/V go to
-        the blocks of `block_tables[i]`. Index arithmetic runs as tensor ops on the host (no per-token
-        Python); results are copied to `device` once each.
+        the blocks of `block_tables[i]`. Index arithmetic runs as array ops on the host (no per-token
+        Python); slots, positions and block tables reach `device` in one copy.
         """
         num_seqs = len(query_lens)
         assert num_seqs == len(seq_lens) == len(block_tables) > 0
