@@ -138,8 +138,8 @@ class LinearConfig:
         return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
 
 
-# Launch configs tried by calibration (large-M prefill-style GEMMs on Hopper); the first is the
-# default of a direct call.
+# Launch configs bench_encoder_kernels.py times (large-M GEMMs on Hopper); the first is the default
+# of a direct call.
 CANDIDATES = (
     LinearConfig(128, 256, 64, 8, 8, 3),
     LinearConfig(128, 128, 64, 8, 4, 4),
@@ -147,6 +147,13 @@ CANDIDATES = (
     LinearConfig(128, 256, 64, 8, 8, 4),
     LinearConfig(128, 128, 64, 8, 8, 4),
 )
+
+
+def _check_operands(k_dim: int, weight: torch.Tensor, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if weight.shape[1] != k_dim or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous [N, {k_dim}] matrix, got {tuple(weight.shape)}")
 
 
 def linear_activation(
@@ -158,15 +165,12 @@ def linear_activation(
 ) -> torch.Tensor:
     """x: [..., K] (unit stride along K, rows evenly strided), weight: [N, K] contiguous, bias: [N] or
     None -> act(x @ weight.T + bias): [..., N] in x's dtype."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     *lead, k_dim = x.shape
     x2 = x.reshape(-1, k_dim)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    _check_operands(k_dim, weight, activation)
     n_dim = weight.shape[0]
-    if weight.shape[1] != k_dim or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous [N, {k_dim}] matrix, got {tuple(weight.shape)}")
     config = config or CANDIDATES[0]
     rows = x2.shape[0]
     out = torch.empty(rows, n_dim, dtype=x.dtype, device=x.device)
@@ -198,6 +202,7 @@ def linear_activation_tma(
 
     config = config or CANDIDATES[0]
     rows, k_dim = x.shape
+    _check_operands(k_dim, weight, activation)
     n_dim = weight.shape[0]
     out = torch.empty(rows, n_dim, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(n_dim, config.block_n)
