@@ -305,6 +305,7 @@ async def serve(config: EncoderConfig) -> None:
         from vlm_protocol.shared_memory import SharedMemoryRing
 
         ring = SharedMemoryRing(config.shared_memory_bytes)  # before the model: a full /dev/shm fails fast
+        ring.prefault()  # ~0.1 s per 256 MiB now, rather than a page fault per 4 KiB in the first requests
     try:
         engine = await loop.run_in_executor(None, load_engine, config)  # keep the loop free while loading
         server = build_server(config, engine, shared_memory=ring)

@@ -103,6 +103,7 @@ def build_server(
     ring = shared_memory
     if ring is None and config.shared_memory_bytes:
         ring = SharedMemoryRing(config.shared_memory_bytes)  # a too small /dev/shm fails here, clearly
+        ring.prefault()
     try:
         pipeline = EncoderPipeline(config, engine, identity, fetcher=fetcher)
         service = EncoderService(pipeline, config, shared_memory=ring)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -49,12 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from vlm_protocol.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
     SharedMemoryUnavailableError,
     StaleSharedMemoryError,
 )
+from vlm_protocol.host_buffers import private_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -415,20 +419,26 @@ def remove_orphaned_regions(directory: str | os.PathLike[str] | None = None) -> 
 
 # --- reader -------------------------------------------------------------------------------------------
 
-_HUGE_PAGE_BYTES = 2 << 20
+_MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages now (read), not one fault per 4 KiB later
 
 
-def private_buffer(nbytes: int) -> bytearray | mmap.mmap:
-    """A fresh writable buffer of ``nbytes`` for a read to fill. From 2 MiB up: an anonymous mapping
-    advised to use transparent huge pages (where the kernel offers them), so that filling a 4.7 MB
-    embedding takes a few page faults rather than ~1,150 faults of zero-filled 4 KiB pages; below
-    that, a bytearray. Both support the buffer protocol (numpy / torch ``frombuffer``)."""
-    if nbytes < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return bytearray(nbytes)
-    buffer = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
-    with contextlib.suppress(OSError):  # THP disabled: plain pages, still correct
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    return buffer
+def populate_in_background(region: mmap.mmap) -> threading.Thread:
+    """Map every page of ``region`` (a reader's read-only mapping) in a daemon thread: madvise through
+    ctypes, which releases the GIL, so the reader's process keeps serving meanwhile. Best effort: a
+    kernel without the advice refuses it, and a read racing the thread faults as it would have; a
+    region closed meanwhile makes the call fail harmlessly (it only maps pages, never writes)."""
+    view = np.frombuffer(region, dtype=np.uint8)
+    address, size = view.ctypes.data, view.nbytes
+    del view  # hold no export: the mapping must stay closable
+
+    def populate() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), _MADV_POPULATE_READ) != 0:
+            logger.debug("MADV_POPULATE_READ refused (errno %d): pages fault in on first read", ctypes.get_errno())
+
+    thread = threading.Thread(target=populate, name="shm-populate", daemon=True)
+    thread.start()
+    return thread
 
 
 class _Mapping:
@@ -453,11 +463,18 @@ class SharedMemoryReader:
     region cannot be opened here, ``StaleSharedMemoryError`` (NOT_FOUND) when the slot was reused.
     """
 
-    def __init__(self, *, directory: str | os.PathLike[str] | None = None, max_open_regions: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        directory: str | os.PathLike[str] | None = None,
+        max_open_regions: int = 8,
+        populate: bool = True,
+    ) -> None:
         if max_open_regions < 1:
             raise ValueError(f"max_open_regions must be >= 1, got {max_open_regions}")
         self.directory = Path(directory) if directory is not None else SHM_DIRECTORY
         self.max_open_regions = max_open_regions
+        self.populate = populate  # map a region's pages in the background once it is opened
         self._mappings: collections.OrderedDict[str, _Mapping] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -586,12 +603,15 @@ class SharedMemoryReader:
                     f"{path} is not a shared-memory region of this system", region
                 )
             # Not MAP_POPULATE: mapping a 512 MiB region's pages at once took 259 ms of the first
-            # request (H100 host) to save ~0.1-0.7 ms per read (benchmarks/profile_shm_read.py)
+            # request (H100 host) to save ~0.1-0.7 ms per read (benchmarks/profile_shm_read.py);
+            # a background thread maps them instead
             region_map = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
         except BaseException:
             os.close(fd)
             raise
         mapping = _Mapping(fd, region_map, st.st_size)
+        if self.populate:
+            populate_in_background(region_map)
         self._drop_unlinked()  # a restarted encoder's old region: its pages stay allocated while mapped
         self._mappings[region] = mapping
         while len(self._mappings) > self.max_open_regions:

@@ -35,7 +35,7 @@ from transformers.image_utils import ChannelDimension
 
 from encoder_service.engines import inputs
 from vlm_protocol.errors import InvalidArgumentError
-from vlm_protocol.shared_memory import private_buffer
+from vlm_protocol.host_buffers import private_buffer
 
 if TYPE_CHECKING:
     from encoder_service.engines.compiled import CompileSettings

@@ -123,13 +123,12 @@ def test_wrap_around_invalidates_every_overlapped_older_slot(reader):
 def test_a_slot_reused_during_the_copy_is_detected(ring, reader, monkeypatch):
     slice_ = ring.put(_pattern(6, 3000))
 
-    def copy_while_the_writer_reuses_the_slot(view):
-        data = bytearray(view)
+    def buffer_while_the_writer_reuses_the_slot(nbytes):
         for _ in range(40):  # the writer goes round the ring and over this slot meanwhile
             ring.put(b"\2" * 3000)
-        return data
+        return bytearray(nbytes)
 
-    monkeypatch.setattr(shm, "bytearray", copy_while_the_writer_reuses_the_slot, raising=False)
+    monkeypatch.setattr(shm, "private_buffer", buffer_while_the_writer_reuses_the_slot)
     with pytest.raises(StaleSharedMemoryError, match="reused while it was read"):
         reader.read(slice_)
 
@@ -460,3 +459,50 @@ def test_region_paths_stay_in_the_shm_directory():
     name = shm.new_region_name()
     assert Path(shm.SHM_DIRECTORY / name).parent == shm.SHM_DIRECTORY
     assert name.startswith(f"{shm.REGION_PREFIX}{os.getpid()}-")
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    import platform
+    import re
+
+    found = re.match(r"(\d+)\.(\d+)", platform.release())
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+def _rss_kib(address: int) -> int:
+    import re
+
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        if int(block.split("-", 1)[0], 16) == address:
+            return int(re.search(r"\nRss:\s+(\d+)", block)[1])
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+@pytest.mark.skipif(not _kernel_at_least(5, 14), reason="MADV_POPULATE_READ needs Linux 5.14")
+def test_a_readers_new_mapping_is_populated_in_the_background_and_stays_closable():
+    with SharedMemoryRing(16 << 20) as ring:
+        ring.prefault()
+        slice_ = ring.put(_pattern(9, 4096))
+        reader = SharedMemoryReader(populate=False)
+        assert bytes(reader.read(slice_)) == _pattern(9, 4096)
+        region = reader._mappings[slice_.region].region
+        address = np.frombuffer(region, dtype=np.uint8).ctypes.data
+        assert _rss_kib(address) < 1024  # only the pages read so far
+        shm.populate_in_background(region).join()
+        assert _rss_kib(address) == 16 << 10  # every page mapped, none written
+        assert bytes(reader.read(slice_)) == _pattern(9, 4096)
+        reader.close()
+        assert region.closed  # the thread held no export of the mapping
+
+
+def test_readers_populate_by_default(monkeypatch):
+    started = []
+    monkeypatch.setattr(shm, "populate_in_background", started.append)
+    with SharedMemoryRing(1 << 20) as ring:
+        slice_ = ring.put(_pattern(3, 100))
+        reader = SharedMemoryReader()
+        reader.read(slice_)
+        reader.read(slice_)  # the mapping is opened (and populated) once
+        assert len(started) == 1
+        reader.close()
+        assert not SharedMemoryReader(populate=False).populate

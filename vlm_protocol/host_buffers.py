@@ -1,0 +1,147 @@
+"""Fresh host buffers for large copies (embeddings), with their pages faulted in ahead of time.
+
+Why: every embedding that crosses a process lands in a buffer of its own, because caches keep it
+after the copy (the encoder's host copy of its output, the LLM side's read of a shared-memory slot).
+A fresh 4.7 MB buffer is zero-filled by the kernel, page by page, on its first write: that, not the
+copy, is most of such a read (1.8 ms on the H200 host, results/profile_shm_read.json; 2.5 ms on the
+CPU VM against 0.9 ms into memory already faulted in), and it happens twice on an image's way to
+its first token. `SpareBuffers` keeps a few buffers of each recently requested size faulted in,
+filled by a background thread whenever one is handed out; the fill runs in `memset` called through
+ctypes, which releases the GIL, so it does not stall the thread that serves requests.
+
+A buffer is handed out once and never taken back: its owner drops it like any other object.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import mmap
+import os
+import threading
+
+HUGE_PAGE_BYTES = 2 << 20  # below this, a bytearray (pooling small buffers gains nothing)
+
+
+def fresh_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """A new zeroed writable buffer of ``nbytes``, not yet faulted in. From 2 MiB up: an anonymous
+    mapping advised to use transparent huge pages (where the kernel offers them), so that filling
+    a 4.7 MB embedding takes a few page faults rather than ~1,150 of 4 KiB; below that, a bytearray.
+    Both support the buffer protocol (numpy / torch ``frombuffer``)."""
+    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return bytearray(nbytes)
+    buffer = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+    with contextlib.suppress(OSError):  # THP disabled: plain pages, still correct
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
+
+
+def _fault_in(buffer: mmap.mmap) -> None:
+    """Write every page of `buffer` (zeros, as it already reads) without holding the GIL."""
+    anchor = ctypes.c_char.from_buffer(buffer)  # exports the buffer while we hold its address
+    try:
+        ctypes.memset(ctypes.addressof(anchor), 0, len(buffer))
+    finally:
+        del anchor
+
+
+class SpareBuffers:
+    """`take(nbytes)`: a zeroed buffer of exactly `nbytes`, faulted in when a spare of that size is
+    ready (`hits`), else fresh (`misses`). Spares are kept for the `max_sizes` sizes taken most
+    recently, `per_size` of each, within `max_bytes`; a size too large for that is never pooled.
+    Thread-safe. The filling thread starts on the first pooled `take`."""
+
+    def __init__(
+        self, *, per_size: int = 2, max_sizes: int = 4, max_bytes: int = 64 << 20, min_bytes: int = HUGE_PAGE_BYTES
+    ) -> None:
+        if per_size < 1 or max_sizes < 1 or max_bytes < 0:
+            raise ValueError("per_size and max_sizes must be >= 1 and max_bytes >= 0")
+        self.per_size = per_size
+        self.max_sizes = max_sizes
+        self.max_bytes = max_bytes
+        self.min_bytes = max(min_bytes, HUGE_PAGE_BYTES)
+        self._spares: collections.OrderedDict[int, list[mmap.mmap]] = collections.OrderedDict()  # size -> ready
+        self._wake = threading.Condition()
+        self._filling = False  # the filling thread runs
+        self._closed = False
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, nbytes: int) -> bytearray | mmap.mmap:
+        if not self._pooled(nbytes):
+            return fresh_buffer(nbytes)
+        with self._wake:
+            ready = self._spares.pop(nbytes, [])
+            self._spares[nbytes] = ready  # most recently wanted last
+            while len(self._spares) > self.max_sizes:
+                self._spares.popitem(last=False)  # its spares are unmapped when collected
+            buffer = ready.pop() if ready else None
+            if buffer is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            self._start_filler()
+            self._wake.notify()
+        return buffer if buffer is not None else fresh_buffer(nbytes)
+
+    def ready(self, nbytes: int) -> int:
+        """Spares of `nbytes` ready now."""
+        with self._wake:
+            return len(self._spares.get(nbytes, ()))
+
+    def close(self) -> None:
+        """Stop the filling thread and drop the spares (takes still work: fresh buffers)."""
+        with self._wake:
+            self._closed = True
+            self._spares.clear()
+            self._wake.notify_all()
+
+    def _pooled(self, nbytes: int) -> bool:
+        return not self._closed and nbytes >= self.min_bytes and nbytes * self.per_size <= self.max_bytes
+
+    def after_fork_in_child(self) -> None:
+        """A forked child has the parent's spares but not its thread (nor, maybe, a usable lock)."""
+        self._wake = threading.Condition()
+        self._spares = collections.OrderedDict()
+        self._filling = False
+
+    def _start_filler(self) -> None:  # with the lock held
+        if self._filling:
+            return
+        self._filling = True
+        threading.Thread(target=self._fill_loop, name="spare-host-buffers", daemon=True).start()
+
+    def _wanted(self) -> int | None:  # with the lock held: the most recent size short of spares
+        held = sum(size * len(ready) for size, ready in self._spares.items())
+        for size in reversed(self._spares):
+            if len(self._spares[size]) < self.per_size and held + size <= self.max_bytes:
+                return size
+        return None
+
+    def _fill_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and (size := self._wanted()) is None:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            buffer = fresh_buffer(size)
+            _fault_in(buffer)
+            with self._wake:
+                ready = self._spares.get(size)
+                if ready is not None and len(ready) < self.per_size:  # the size may have gone meanwhile
+                    ready.append(buffer)
+
+
+_SPARES = SpareBuffers()
+os.register_at_fork(after_in_child=_SPARES.after_fork_in_child)
+
+
+def private_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """A zeroed writable buffer of ``nbytes`` for a copy to fill, owned by the caller: from the
+    process's spares (faulted in ahead of time) when one of that size is ready, else fresh."""
+    return _SPARES.take(nbytes)
+
+
+__all__ = ["HUGE_PAGE_BYTES", "SpareBuffers", "fresh_buffer", "private_buffer"]
