@@ -49,11 +49,12 @@ def _fault_in(buffer: mmap.mmap) -> None:
 class SpareBuffers:
     """`take(nbytes)`: a zeroed buffer of exactly `nbytes`, faulted in when a spare of that size is
     ready (`hits`), else fresh (`misses`). Spares are kept for the `max_sizes` sizes taken most
-    recently, `per_size` of each, within `max_bytes`; a size too large for that is never pooled.
-    Thread-safe. The filling thread starts on the first pooled `take`."""
+    recently, up to `per_size` of each, all within `max_bytes`: the size taken most recently is
+    filled first, making room by dropping spares of the sizes taken least recently. A size above
+    `max_bytes` is never pooled. Thread-safe. The filling thread starts on the first pooled `take`."""
 
     def __init__(
-        self, *, per_size: int = 2, max_sizes: int = 4, max_bytes: int = 64 << 20, min_bytes: int = HUGE_PAGE_BYTES
+        self, *, per_size: int = 4, max_sizes: int = 4, max_bytes: int = 128 << 20, min_bytes: int = HUGE_PAGE_BYTES
     ) -> None:
         if per_size < 1 or max_sizes < 1 or max_bytes < 0:
             raise ValueError("per_size and max_sizes must be >= 1 and max_bytes >= 0")
@@ -98,7 +99,7 @@ class SpareBuffers:
             self._wake.notify_all()
 
     def _pooled(self, nbytes: int) -> bool:
-        return not self._closed and nbytes >= self.min_bytes and nbytes * self.per_size <= self.max_bytes
+        return not self._closed and self.min_bytes <= nbytes <= self.max_bytes
 
     def after_fork_in_child(self) -> None:
         """A forked child has the parent's spares but not its thread (nor, maybe, a usable lock)."""
@@ -112,10 +113,21 @@ class SpareBuffers:
         self._filling = True
         threading.Thread(target=self._fill_loop, name="spare-host-buffers", daemon=True).start()
 
+    def _depth(self, size: int) -> int:
+        return min(self.per_size, self.max_bytes // size)
+
     def _wanted(self) -> int | None:  # with the lock held: the most recent size short of spares
-        held = sum(size * len(ready) for size, ready in self._spares.items())
         for size in reversed(self._spares):
-            if len(self._spares[size]) < self.per_size and held + size <= self.max_bytes:
+            if len(self._spares[size]) >= self._depth(size):
+                continue
+            held = sum(other * len(ready) for other, ready in self._spares.items())
+            for other, ready in self._spares.items():  # only sizes taken less recently, oldest first
+                if other == size:
+                    break
+                while ready and held + size > self.max_bytes:
+                    ready.pop()
+                    held -= other
+            if held + size <= self.max_bytes:
                 return size
         return None
 
@@ -130,7 +142,7 @@ class SpareBuffers:
             _fault_in(buffer)
             with self._wake:
                 ready = self._spares.get(size)
-                if ready is not None and len(ready) < self.per_size:  # the size may have gone meanwhile
+                if ready is not None and len(ready) < self._depth(size):  # the size may have gone meanwhile
                     ready.append(buffer)
 
 

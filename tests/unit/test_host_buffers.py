@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 import time
 
 import pytest
@@ -51,11 +52,20 @@ def test_each_buffer_has_one_owner(spares):
 def test_small_and_oversized_requests_are_never_pooled(spares):
     small = spares.take(HUGE_PAGE_BYTES - 1)
     assert isinstance(small, bytearray) and len(small) == HUGE_PAGE_BYTES - 1
-    huge = spares.take(5 * SIZE)  # two of them would pass max_bytes
-    assert len(huge) == 5 * SIZE
+    huge = spares.take(8 * SIZE + 1)  # above max_bytes
+    assert len(huge) == 8 * SIZE + 1
     assert (spares.hits, spares.misses) == (0, 0)
     time.sleep(0.05)
-    assert spares.ready(5 * SIZE) == 0
+    assert spares.ready(8 * SIZE + 1) == 0
+
+
+def test_a_size_near_the_budget_keeps_as_many_spares_as_fit(spares):
+    spares.take(3 * SIZE)  # max_bytes = 8 * SIZE: per_size=2 of these fit
+    wait_ready(spares, 3 * SIZE, 2)
+    spares.take(5 * SIZE)  # one fits, once a spare of the older size makes room
+    wait_ready(spares, 5 * SIZE, 1)
+    time.sleep(0.1)  # and it stays: the older size may not take its room back
+    assert spares.ready(5 * SIZE) == 1 and spares.ready(3 * SIZE) == 1
 
 
 def test_only_the_most_recent_sizes_keep_spares(spares):
@@ -68,14 +78,14 @@ def test_only_the_most_recent_sizes_keep_spares(spares):
     assert spares.ready(sizes[0]) == 0 and spares.ready(sizes[1]) == 2
 
 
-def test_the_byte_budget_bounds_what_is_kept():
+def test_the_size_taken_last_is_filled_first_within_the_byte_budget():
     pool = SpareBuffers(per_size=2, max_sizes=4, max_bytes=3 * SIZE)
     try:
         pool.take(SIZE)
         wait_ready(pool, SIZE, 2)
         pool.take(SIZE + 4096)
-        time.sleep(0.1)
-        assert pool.ready(SIZE) == 2 and pool.ready(SIZE + 4096) == 0  # a third would pass max_bytes
+        wait_ready(pool, SIZE + 4096, 2)  # room made by dropping the older size's spares
+        assert pool.ready(SIZE) == 0
     finally:
         pool.close()
 
@@ -99,3 +109,20 @@ def test_fresh_buffer_and_private_buffer_sizes():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         SpareBuffers(per_size=0)
+
+
+def test_a_forked_child_fills_its_own_spares():
+    from vlm_protocol import host_buffers
+
+    private_buffer(SIZE)  # the parent's filler runs
+    pid = os.fork()
+    if pid == 0:  # child: no filler thread was inherited, so one must start here
+        code = 1
+        try:
+            private_buffer(SIZE)
+            wait_ready(host_buffers._SPARES, SIZE, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
