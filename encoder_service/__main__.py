@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -305,12 +306,17 @@ async def serve(config: EncoderConfig) -> None:
         from vlm_protocol.shared_memory import SharedMemoryRing
 
         ring = SharedMemoryRing(config.shared_memory_bytes)  # before the model: a full /dev/shm fails fast
-        ring.prefault()  # ~0.1 s per 256 MiB now, rather than a page fault per 4 KiB in the first requests
+    # the ring's pages are mapped now, beside the model load (no GIL held), not by the first requests
+    prefault = loop.run_in_executor(None, ring.prefault) if ring is not None else None
     try:
         engine = await loop.run_in_executor(None, load_engine, config)  # keep the loop free while loading
+        if prefault is not None:
+            await prefault
         server = build_server(config, engine, shared_memory=ring)
     except BaseException:
         if ring is not None:
+            with contextlib.suppress(BaseException):
+                await prefault  # done within a second; the region must not be closed under it
             ring.close()
         raise
     remove_handlers = install_signal_handlers(server.running)

@@ -6,8 +6,8 @@ A fresh 4.7 MB buffer is zero-filled by the kernel, page by page, on its first w
 copy, is most of such a read (1.8 ms on the H200 host, results/profile_shm_read.json; 2.5 ms on the
 CPU VM against 0.9 ms into memory already faulted in), and it happens twice on an image's way to
 its first token. `SpareBuffers` keeps a few buffers of each recently requested size faulted in,
-filled by a background thread whenever one is handed out; the fill runs in `memset` called through
-ctypes, which releases the GIL, so it does not stall the thread that serves requests.
+filled by a background thread whenever one is handed out; the fill is one `madvise` (`populate`)
+called through ctypes, which releases the GIL, so it does not stall the thread that serves requests.
 
 A buffer is handed out once and never taken back: its owner drops it like any other object.
 """
@@ -17,9 +17,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import mmap
 import os
 import threading
+
+import numpy as np
 
 HUGE_PAGE_BYTES = 2 << 20  # below this, a bytearray (pooling small buffers gains nothing)
 
@@ -37,8 +40,31 @@ def fresh_buffer(nbytes: int) -> bytearray | mmap.mmap:
     return buffer
 
 
-def _fault_in(buffer: mmap.mmap) -> None:
-    """Write every page of `buffer` (zeros, as it already reads) without holding the GIL."""
+_MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages now, not one fault per 4 KiB later
+_MADV_POPULATE_WRITE = 23  # the same, writable (allocated, for private or not yet touched memory)
+
+
+def populate(buffer: mmap.mmap | bytearray, *, write: bool) -> bool:
+    """Map every page of `buffer` now with one `madvise`, made through ctypes, which releases the GIL.
+    Nothing is written. False where the kernel refuses the advice (older than 5.14) or `buffer` is
+    gone (a racing close): the pages then fault in on first use, as they would have."""
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    address, size = view.ctypes.data, view.nbytes
+    del view  # hold no export: a mapping must stay closable
+    advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
+    return _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), advice) == 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _fault_in(buffer: mmap.mmap | bytearray) -> None:
+    """Allocate every page of `buffer` without holding the GIL (memset of zeros, as it already reads,
+    where the kernel has no populate advice)."""
+    if populate(buffer, write=True):
+        return
     anchor = ctypes.c_char.from_buffer(buffer)  # exports the buffer while we hold its address
     try:
         ctypes.memset(ctypes.addressof(anchor), 0, len(buffer))
@@ -156,4 +182,4 @@ def private_buffer(nbytes: int) -> bytearray | mmap.mmap:
     return _SPARES.take(nbytes)
 
 
-__all__ = ["HUGE_PAGE_BYTES", "SpareBuffers", "fresh_buffer", "private_buffer"]
+__all__ = ["HUGE_PAGE_BYTES", "SpareBuffers", "fresh_buffer", "populate", "private_buffer"]

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from vlm_protocol.host_buffers import HUGE_PAGE_BYTES, SpareBuffers, fresh_buffer, private_buffer
+from tests.unit.memory_maps import POPULATE_ADVICE, address_of, rss_kib
+from vlm_protocol.host_buffers import HUGE_PAGE_BYTES, SpareBuffers, fresh_buffer, populate, private_buffer
 
 SIZE = 3 * HUGE_PAGE_BYTES + 4096  # not a multiple of the huge page: the tail is ordinary pages
 
@@ -126,3 +127,28 @@ def test_a_forked_child_fills_its_own_spares():
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.skipif(not POPULATE_ADVICE, reason="MADV_POPULATE_WRITE needs Linux 5.14")
+def test_populate_maps_every_page_without_writing():
+    buffer = fresh_buffer(SIZE)
+    buffer[:4] = b"\x01\x02\x03\x04"
+    address = address_of(buffer)
+    assert rss_kib(address) < SIZE >> 10
+    assert populate(buffer, write=True)
+    assert rss_kib(address) == SIZE >> 10
+    assert bytes(buffer[:4]) == b"\x01\x02\x03\x04" and bytes(buffer[4:64]) == bytes(60)
+
+
+def test_spares_are_faulted_in_even_without_the_populate_advice(monkeypatch):
+    from vlm_protocol import host_buffers
+
+    monkeypatch.setattr(host_buffers, "populate", lambda buffer, *, write: False)  # an older kernel: memset
+    pool = SpareBuffers(per_size=1, max_bytes=2 * SIZE)
+    try:
+        pool.take(SIZE)
+        wait_ready(pool, SIZE, 1)
+        spare = pool.take(SIZE)
+        assert pool.hits == 1 and rss_kib(address_of(spare)) == SIZE >> 10
+    finally:
+        pool.close()

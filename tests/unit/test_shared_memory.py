@@ -17,6 +17,7 @@ import pytest
 import torch
 from vlm.v1 import common_pb2
 
+from tests.unit.memory_maps import POPULATE_ADVICE, address_of, rss_kib
 from vlm_protocol import shared_memory as shm
 from vlm_protocol.errors import (
     FailedPreconditionError,
@@ -461,24 +462,7 @@ def test_region_paths_stay_in_the_shm_directory():
     assert name.startswith(f"{shm.REGION_PREFIX}{os.getpid()}-")
 
 
-def _kernel_at_least(major: int, minor: int) -> bool:
-    import platform
-    import re
-
-    found = re.match(r"(\d+)\.(\d+)", platform.release())
-    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
-
-
-def _rss_kib(address: int) -> int:
-    import re
-
-    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
-        if int(block.split("-", 1)[0], 16) == address:
-            return int(re.search(r"\nRss:\s+(\d+)", block)[1])
-    raise AssertionError(f"no mapping at {address:#x}")
-
-
-@pytest.mark.skipif(not _kernel_at_least(5, 14), reason="MADV_POPULATE_READ needs Linux 5.14")
+@pytest.mark.skipif(not POPULATE_ADVICE, reason="MADV_POPULATE_READ needs Linux 5.14")
 def test_a_readers_new_mapping_is_populated_in_the_background_and_stays_closable():
     with SharedMemoryRing(16 << 20) as ring:
         ring.prefault()
@@ -486,10 +470,10 @@ def test_a_readers_new_mapping_is_populated_in_the_background_and_stays_closable
         reader = SharedMemoryReader(populate=False)
         assert bytes(reader.read(slice_)) == _pattern(9, 4096)
         region = reader._mappings[slice_.region].region
-        address = np.frombuffer(region, dtype=np.uint8).ctypes.data
-        assert _rss_kib(address) < 1024  # only the pages read so far
+        address = address_of(region)
+        assert rss_kib(address) < 1024  # only the pages read so far
         shm.populate_in_background(region).join()
-        assert _rss_kib(address) == 16 << 10  # every page mapped, none written
+        assert rss_kib(address) == 16 << 10  # every page mapped, none written
         assert bytes(reader.read(slice_)) == _pattern(9, 4096)
         reader.close()
         assert region.closed  # the thread held no export of the mapping
@@ -506,3 +490,18 @@ def test_readers_populate_by_default(monkeypatch):
         assert len(started) == 1
         reader.close()
         assert not SharedMemoryReader(populate=False).populate
+
+
+@pytest.mark.parametrize("advice", [True, False], ids=["populate", "touch"])
+def test_ring_prefault_maps_every_page_with_or_without_the_populate_advice(advice, monkeypatch):
+    if advice and not POPULATE_ADVICE:
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+    if not advice:
+        monkeypatch.setattr(shm, "populate", lambda buffer, *, write: False)  # an older kernel
+    with SharedMemoryRing(8 << 20) as ring:
+        address = address_of(ring._view)
+        assert rss_kib(address) < 1024
+        ring.prefault()
+        assert rss_kib(address) == 8 << 10
+        slice_ = ring.put(_pattern(5, 5000))
+        assert bytes(SharedMemoryReader(populate=False).read(slice_)) == _pattern(5, 5000)
