@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.unit.memory_maps import POPULATE_ADVICE, address_of, rss_kib
+from tests.unit.memory_maps import POPULATE_ADVICE, mapped_kib
 from vlm_protocol.host_buffers import HUGE_PAGE_BYTES, SpareBuffers, fresh_buffer, populate, private_buffer
 
 SIZE = 3 * HUGE_PAGE_BYTES + 4096  # not a multiple of the huge page: the tail is ordinary pages
@@ -133,10 +133,9 @@ def test_a_forked_child_fills_its_own_spares():
 def test_populate_maps_every_page_without_writing():
     buffer = fresh_buffer(SIZE)
     buffer[:4] = b"\x01\x02\x03\x04"
-    address = address_of(buffer)
-    assert rss_kib(address) < SIZE >> 10
+    assert mapped_kib(buffer) < SIZE >> 10
     assert populate(buffer, write=True)
-    assert rss_kib(address) == SIZE >> 10
+    assert mapped_kib(buffer) == SIZE >> 10
     assert bytes(buffer[:4]) == b"\x01\x02\x03\x04" and bytes(buffer[4:64]) == bytes(60)
 
 
@@ -149,6 +148,6 @@ def test_spares_are_faulted_in_even_without_the_populate_advice(monkeypatch):
         pool.take(SIZE)
         wait_ready(pool, SIZE, 1)
         spare = pool.take(SIZE)
-        assert pool.hits == 1 and rss_kib(address_of(spare)) == SIZE >> 10
+        assert pool.hits == 1 and mapped_kib(spare) == SIZE >> 10
     finally:
         pool.close()

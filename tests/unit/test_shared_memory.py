@@ -17,7 +17,7 @@ import pytest
 import torch
 from vlm.v1 import common_pb2
 
-from tests.unit.memory_maps import POPULATE_ADVICE, address_of, rss_kib
+from tests.unit.memory_maps import POPULATE_ADVICE, mapped_kib
 from vlm_protocol import shared_memory as shm
 from vlm_protocol.errors import (
     FailedPreconditionError,
@@ -470,10 +470,9 @@ def test_a_readers_new_mapping_is_populated_in_the_background_and_stays_closable
         reader = SharedMemoryReader(populate=False)
         assert bytes(reader.read(slice_)) == _pattern(9, 4096)
         region = reader._mappings[slice_.region].region
-        address = address_of(region)
-        assert rss_kib(address) < 1024  # only the pages read so far
+        assert mapped_kib(region) < 1024  # only the pages read so far
         shm.populate_in_background(region).join()
-        assert rss_kib(address) == 16 << 10  # every page mapped, none written
+        assert mapped_kib(region) == 16 << 10  # every page mapped, none written
         assert bytes(reader.read(slice_)) == _pattern(9, 4096)
         reader.close()
         assert region.closed  # the thread held no export of the mapping
@@ -499,9 +498,8 @@ def test_ring_prefault_maps_every_page_with_or_without_the_populate_advice(advic
     if not advice:
         monkeypatch.setattr(shm, "populate", lambda buffer, *, write: False)  # an older kernel
     with SharedMemoryRing(8 << 20) as ring:
-        address = address_of(ring._view)
-        assert rss_kib(address) < 1024
+        assert mapped_kib(ring._view) < 1024
         ring.prefault()
-        assert rss_kib(address) == 8 << 10
+        assert mapped_kib(ring._view) == 8 << 10
         slice_ = ring.put(_pattern(5, 5000))
         assert bytes(SharedMemoryReader(populate=False).read(slice_)) == _pattern(5, 5000)
