@@ -142,7 +142,9 @@ class SpareBuffers:
     def _depth(self, size: int) -> int:
         return min(self.per_size, self.max_bytes // size)
 
-    def _wanted(self) -> int | None:  # with the lock held: the most recent size short of spares
+    def _next_to_fill(self) -> int | None:
+        """With the lock held: the most recently taken size short of spares, for which room is made
+        (spares of sizes taken less recently are dropped); None when nothing is to be filled."""
         for size in reversed(self._spares):
             if len(self._spares[size]) >= self._depth(size):
                 continue
@@ -160,7 +162,7 @@ class SpareBuffers:
     def _fill_loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and (size := self._wanted()) is None:
+                while not self._closed and (size := self._next_to_fill()) is None:
                     self._wake.wait()
                 if self._closed:
                     return
