@@ -146,14 +146,16 @@ def run_hf_cb(models, warm: list[list[int]], prompts: list[list[int]], max_token
 # --- one point ----------------------------------------------------------------------------------
 
 
-def run_point(system: str, models, engine, scenario, concurrency: int, num_requests: int, seed: int) -> dict:
+def run_point(
+    system: str, models, engine, scenario, concurrency: int, num_requests: int, seed: int, timeline: bool = False
+) -> dict:
     num_in, num_out = scenario
     vocab = models.config.vocab_size
     warm = random_prompts(min(concurrency, num_requests), num_in, vocab, seed=seed)
     prompts = random_prompts(num_requests, num_in, vocab, seed=seed + 1)
     if system == "engine":
         run_engine(engine, warm, min(num_out, 8), concurrency)
-        return run_engine(engine, prompts, num_out, concurrency)
+        return run_engine(engine, prompts, num_out, concurrency, timeline=timeline)
     if system == "hf_static":
         need = concurrency * (num_in + num_out) * kv_bytes_per_token(models.config, models.dtype)
         free = _free_bytes(models.device)
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-requests-per-concurrency", type=int, default=None,
                         help="HF baselines' requests per point = max(hf-min-requests, this x concurrency)")
     parser.add_argument("--hf-min-requests", type=int, default=None, help="default: --min-requests")
+    parser.add_argument("--step-timeline", action="store_true",
+                        help="our engine's points also record step_timeline: prefill vs decode-only steps")
     parser.add_argument("--merge", action="store_true", help=f"add to an existing {RESULT_FILE}")
     parser.add_argument("--time-budget-s", type=float, default=None, help="start no new point after this")
     args = parser.parse_args(argv)
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                         num_requests = max(hf_min_requests, hf_per_concurrency * concurrency)
                     try:
                         stats = run_point(system, models, engine, scenario, concurrency, num_requests,
-                                          seed=10_000 * n + concurrency)
+                                          seed=10_000 * n + concurrency, timeline=args.step_timeline)
                         record({**point, **stats})
                     except (MemoryError, torch.OutOfMemoryError, NotImplementedError, RuntimeError) as exc:
                         record({**point, "output_tok_s": None, "reason": f"{type(exc).__name__}: {exc}"[:500]})

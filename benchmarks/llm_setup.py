@@ -148,11 +148,64 @@ def sync(device: torch.device) -> None:
 _REQUEST_IDS = itertools.count()  # request ids unique across runs on one engine
 
 
-def run_engine(engine: EngineCore, prompts: Sequence[list[int]], max_tokens: int, concurrency: int) -> dict:
+class StepTimeline:
+    """What each engine step ran and how long `engine.step()` took for it.
+
+    Wraps `runner.launch` to record every launched step's rows and prefill tokens (chunks of more than
+    one token); each non-empty `step()` call waits for exactly one launched step (the one queued by
+    pipelined decode, or its own), so the i-th step time belongs to the i-th launch.
+    """
+
+    def __init__(self, engine: EngineCore) -> None:
+        self.launches: list[tuple[int, int]] = []  # (rows, prefill tokens)
+        self.step_s: list[float] = []
+        self._runner = engine.runner
+        self._launch = engine.runner.launch
+
+        def launch(scheduled, *args, **kwargs):
+            prefill = sum(c.num_tokens for c in scheduled.chunks if c.num_tokens > 1)
+            self.launches.append((len(scheduled.chunks), prefill))
+            return self._launch(scheduled, *args, **kwargs)
+
+        engine.runner.launch = launch
+
+    def close(self) -> None:
+        self._runner.launch = self._launch
+
+    def summary(self) -> dict:
+        """Steps with prefill rows vs decode-only steps: count, seconds, mean ms, mean rows, and the
+        decode-only steps' mean ms by batch (rows rounded down to a multiple of 32)."""
+        kinds: dict[str, list[tuple[float, int, int]]] = {"with_prefill": [], "decode_only": []}
+        for seconds, (rows, prefill) in zip(self.step_s, self.launches, strict=False):
+            kinds["with_prefill" if prefill else "decode_only"].append((seconds, rows, prefill))
+        out: dict = {}
+        for kind, steps in kinds.items():
+            total = sum(s for s, _, _ in steps)
+            out[kind] = {
+                "steps": len(steps),
+                "seconds": total,
+                "mean_ms": 1e3 * total / len(steps) if steps else None,
+                "mean_rows": sum(r for _, r, _ in steps) / len(steps) if steps else None,
+                "prefill_tokens": sum(p for _, _, p in steps),
+            }
+        by_batch: dict[int, list[float]] = {}
+        for seconds, rows, _ in kinds["decode_only"]:
+            by_batch.setdefault(rows // 32 * 32, []).append(seconds)
+        out["decode_only_ms_by_rows"] = {
+            str(b): {"steps": len(v), "mean_ms": 1e3 * sum(v) / len(v)} for b, v in sorted(by_batch.items())
+        }
+        return out
+
+
+def run_engine(
+    engine: EngineCore, prompts: Sequence[list[int]], max_tokens: int, concurrency: int, timeline: bool = False
+) -> dict:
     """Closed loop: keep `concurrency` requests in flight until every prompt is served.
 
-    Returns output tok/s over the whole run and per-request TTFT / time-per-output-token medians.
+    Returns output tok/s over the whole run and per-request TTFT / time-per-output-token medians;
+    with `timeline`, also `step_timeline` (`StepTimeline.summary`).
     """
+    steps = StepTimeline(engine) if timeline else None
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     pending = list(prompts)
     submitted: dict[str, float] = {}
@@ -167,9 +220,12 @@ def run_engine(engine: EngineCore, prompts: Sequence[list[int]], max_tokens: int
                 rid = f"bench-{next(_REQUEST_IDS)}"
                 engine.add_request(GenerationInput(rid, prompt_token_ids=pending.pop(0), sampling=params))
                 submitted[rid] = time.perf_counter()
+            before = time.perf_counter()
             outputs = engine.step()
             num_steps += 1
             now = time.perf_counter()
+            if steps is not None:
+                steps.step_s.append(now - before)
             for out in outputs:
                 if out.new_token_ids and out.request_id not in first:
                     first[out.request_id] = now
@@ -178,6 +234,8 @@ def run_engine(engine: EngineCore, prompts: Sequence[list[int]], max_tokens: int
     finally:  # after a failure, leave the engine empty for the next point
         for rid in set(submitted) - set(finished):
             engine.abort(rid)
+        if steps is not None:
+            steps.close()
     elapsed = time.perf_counter() - start
     num_tokens = sum(n for _, n in finished.values())
     if num_tokens != max_tokens * len(prompts):
@@ -194,6 +252,7 @@ def run_engine(engine: EngineCore, prompts: Sequence[list[int]], max_tokens: int
         "tpot_ms_median": 1e3 * tpot[len(tpot) // 2],
         "num_steps": num_steps,
         "num_preemptions": engine.scheduler.num_preemptions - preemptions_before,
+        **({"step_timeline": steps.summary()} if steps is not None else {}),
     }
 
 

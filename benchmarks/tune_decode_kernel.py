@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page", type=int, default=16)
+    parser.add_argument("--cache-layouts", default="nhd",
+                        help="nhd (the engine's [blocks, page, Hkv, D]) and/or hnd (each head's page contiguous)")
     parser.add_argument("--layouts", default="", help=f"comma-separated subset of {','.join(LAYOUTS)}")
     parser.add_argument("--beside-gemm", type=int, default=3, metavar="N",
                         help="also time the default and the N best configs between decoder-sized "
@@ -129,33 +131,50 @@ def main(argv: list[str] | None = None) -> int:
         expected = paged_attention(query, k_cache, v_cache, meta, args.head_dim**-0.5).float()
         tables_dev, lens_dev = tables.to(device), torch.tensor(seq_lens, device=device)
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * k_cache.element_size()
-        rows = []
-        inputs = (query, k_cache, v_cache, tables_dev, lens_dev, args.head_dim**-0.5)
-        for config in configs:
-            def call(config=config, inputs=inputs):
-                return paged_decode_attention(*inputs, config)
-
-            err = float((call().float() - expected).abs().max())
-            ms = _graph_ms(call)
-            rows.append({"config": config.__dict__, "ms": ms, "gb_s": kv_bytes / ms / 1e6, "max_abs_err": err,
-                         "splits": num_splits_for(batch, args.kv_heads, context, device, config)})
-        rows.sort(key=lambda r: r["ms"])
-        chosen = config_for(batch, args.kv_heads).__dict__  # what the engine launches for this layout
-        default = next((r for r in rows if r["config"] == chosen), rows[0])
-        if args.beside_gemm:
-            _time_beside_gemm(rows, default, args.beside_gemm, batch, inputs, kv_bytes, args.heads * args.head_dim)
-        results["layouts"][name] = {"batch": batch, "context": context, "kv_bytes": kv_bytes,
-                                    "default": default, "best": rows[0], "all": rows}
-        print(f"{name:<14} default {default['ms'] * 1e3:8.1f} us ({default['gb_s']:6.0f} GB/s)   best "
-              f"{rows[0]['ms'] * 1e3:8.1f} us ({rows[0]['gb_s']:6.0f} GB/s) {rows[0]['config']} "
-              f"err {rows[0]['max_abs_err']:.1e}", flush=True)
-        for row in rows:
-            if "beside_gemm_ms" in row:
-                print(f"    beside GEMMs {row['beside_gemm_ms'] * 1e3:8.1f} us ({row['beside_gemm_gb_s']:6.0f} GB/s) "
-                      f"alone {row['ms'] * 1e3:8.1f} us  {row['config']}", flush=True)
+        for cache_layout in args.cache_layouts.split(","):
+            if cache_layout == "hnd":  # same values, each head's page contiguous: [blocks, Hkv, page, D] in memory
+                caches = tuple(c.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for c in (k_cache, v_cache))
+            elif cache_layout == "nhd":
+                caches = (k_cache, v_cache)
+            else:
+                raise SystemExit(f"unknown cache layout {cache_layout!r}: nhd or hnd")
+            key = name if cache_layout == "nhd" else f"{name}_hnd"
+            _tune_layout(args, results, key, batch, context, configs, query, caches, tables_dev, lens_dev,
+                         expected, kv_bytes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_kernel_tuning.json").write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _tune_layout(args, results: dict, name: str, batch: int, context: int, configs, query, caches, tables_dev, lens_dev,
+                 expected, kv_bytes: int) -> None:
+    """Sweeps `configs` on one decode layout and cache layout; adds the rows to `results`."""
+    device = query.device
+    k_cache, v_cache = caches
+    rows = []
+    inputs = (query, k_cache, v_cache, tables_dev, lens_dev, args.head_dim**-0.5)
+    for config in configs:
+        def call(config=config, inputs=inputs):
+            return paged_decode_attention(*inputs, config)
+
+        err = float((call().float() - expected).abs().max())
+        ms = _graph_ms(call)
+        rows.append({"config": config.__dict__, "ms": ms, "gb_s": kv_bytes / ms / 1e6, "max_abs_err": err,
+                     "splits": num_splits_for(batch, args.kv_heads, context, device, config)})
+    rows.sort(key=lambda r: r["ms"])
+    chosen = config_for(batch, args.kv_heads).__dict__  # what the engine launches for this layout
+    default = next((r for r in rows if r["config"] == chosen), rows[0])
+    if args.beside_gemm:
+        _time_beside_gemm(rows, default, args.beside_gemm, batch, inputs, kv_bytes, args.heads * args.head_dim)
+    results["layouts"][name] = {"batch": batch, "context": context, "kv_bytes": kv_bytes,
+                                "default": default, "best": rows[0], "all": rows}
+    print(f"{name:<14} default {default['ms'] * 1e3:8.1f} us ({default['gb_s']:6.0f} GB/s)   best "
+          f"{rows[0]['ms'] * 1e3:8.1f} us ({rows[0]['gb_s']:6.0f} GB/s) {rows[0]['config']} "
+          f"err {rows[0]['max_abs_err']:.1e}", flush=True)
+    for row in rows:
+        if "beside_gemm_ms" in row:
+            print(f"    beside GEMMs {row['beside_gemm_ms'] * 1e3:8.1f} us ({row['beside_gemm_gb_s']:6.0f} GB/s) "
+                  f"alone {row['ms'] * 1e3:8.1f} us  {row['config']}", flush=True)
 
 
 if __name__ == "__main__":
