@@ -152,12 +152,15 @@ class StepTimeline:
     """What each engine step ran and how long `engine.step()` took for it.
 
     Wraps `runner.launch` to record every launched step's rows and prefill tokens (chunks of more than
-    one token); each non-empty `step()` call waits for exactly one launched step (the one queued by
-    pipelined decode, or its own), so the i-th step time belongs to the i-th launch.
+    one token), the host time spent launching it, and the time `step()` then blocks in its `wait()`
+    (the GPU still running it); each non-empty `step()` call waits for exactly one launched step (the
+    one queued by pipelined decode, or its own), so the i-th step time belongs to the i-th launch.
     """
 
     def __init__(self, engine: EngineCore) -> None:
         self.launches: list[tuple[int, int]] = []  # (rows, prefill tokens)
+        self.launch_s: list[float] = []
+        self.wait_s: list[float] = []
         self.step_s: list[float] = []
         self._runner = engine.runner
         self._launch = engine.runner.launch
@@ -165,7 +168,20 @@ class StepTimeline:
         def launch(scheduled, *args, **kwargs):
             prefill = sum(c.num_tokens for c in scheduled.chunks if c.num_tokens > 1)
             self.launches.append((len(scheduled.chunks), prefill))
-            return self._launch(scheduled, *args, **kwargs)
+            started = time.perf_counter()
+            pending = self._launch(scheduled, *args, **kwargs)
+            self.launch_s.append(time.perf_counter() - started)
+            wait = pending.wait
+
+            def timed_wait():
+                begun = time.perf_counter()
+                try:
+                    return wait()
+                finally:
+                    self.wait_s.append(time.perf_counter() - begun)
+
+            pending.wait = timed_wait
+            return pending
 
         engine.runner.launch = launch
 
@@ -173,23 +189,29 @@ class StepTimeline:
         self._runner.launch = self._launch
 
     def summary(self) -> dict:
-        """Steps with prefill rows vs decode-only steps: count, seconds, mean ms, mean rows, and the
-        decode-only steps' mean ms by batch (rows rounded down to a multiple of 32)."""
-        kinds: dict[str, list[tuple[float, int, int]]] = {"with_prefill": [], "decode_only": []}
-        for seconds, (rows, prefill) in zip(self.step_s, self.launches, strict=False):
-            kinds["with_prefill" if prefill else "decode_only"].append((seconds, rows, prefill))
+        """Steps with prefill rows vs decode-only steps: count, seconds, mean ms of the step, of its
+        launch (host) and of its `wait()` (GPU-bound time left), mean rows, and the decode-only steps'
+        mean ms by batch (rows rounded down to a multiple of 32)."""
+        kinds: dict[str, list[tuple[float, int, int, float, float]]] = {"with_prefill": [], "decode_only": []}
+        for seconds, (rows, prefill), launch, wait in zip(
+            self.step_s, self.launches, self.launch_s, self.wait_s, strict=False
+        ):
+            kinds["with_prefill" if prefill else "decode_only"].append((seconds, rows, prefill, launch, wait))
         out: dict = {}
         for kind, steps in kinds.items():
-            total = sum(s for s, _, _ in steps)
+            n = len(steps) or 1
+            total = sum(s[0] for s in steps)
             out[kind] = {
                 "steps": len(steps),
                 "seconds": total,
-                "mean_ms": 1e3 * total / len(steps) if steps else None,
-                "mean_rows": sum(r for _, r, _ in steps) / len(steps) if steps else None,
-                "prefill_tokens": sum(p for _, _, p in steps),
+                "mean_ms": 1e3 * total / n,
+                "mean_launch_ms": 1e3 * sum(s[3] for s in steps) / n,
+                "mean_wait_ms": 1e3 * sum(s[4] for s in steps) / n,
+                "mean_rows": sum(s[1] for s in steps) / n,
+                "prefill_tokens": sum(s[2] for s in steps),
             }
         by_batch: dict[int, list[float]] = {}
-        for seconds, rows, _ in kinds["decode_only"]:
+        for seconds, rows, *_ in kinds["decode_only"]:
             by_batch.setdefault(rows // 32 * 32, []).append(seconds)
         out["decode_only_ms_by_rows"] = {
             str(b): {"steps": len(v), "mean_ms": 1e3 * sum(v) / len(v)} for b, v in sorted(by_batch.items())
