@@ -155,6 +155,9 @@ class StepTimeline:
     one token), the host time spent launching it, and the time `step()` then blocks in its `wait()`
     (the GPU still running it); each non-empty `step()` call waits for exactly one launched step (the
     one queued by pipelined decode, or its own), so the i-th step time belongs to the i-th launch.
+    On CUDA, events recorded before and after each launch give the GPU's own time per step (from
+    when the step's first work could start, i.e. the previous step's end, to its last work) and the
+    GPU's idle time before it (the previous step's end to this step's first enqueue, when later).
     """
 
     def __init__(self, engine: EngineCore) -> None:
@@ -162,14 +165,21 @@ class StepTimeline:
         self.launch_s: list[float] = []
         self.wait_s: list[float] = []
         self.step_s: list[float] = []
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._runner = engine.runner
         self._launch = engine.runner.launch
+        on_cuda = engine.runner.device.type == "cuda"
 
         def launch(scheduled, *args, **kwargs):
             prefill = sum(c.num_tokens for c in scheduled.chunks if c.num_tokens > 1)
             self.launches.append((len(scheduled.chunks), prefill))
             started = time.perf_counter()
+            if on_cuda:
+                self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                self.events[-1][0].record()
             pending = self._launch(scheduled, *args, **kwargs)
+            if on_cuda:
+                self.events[-1][1].record()
             self.launch_s.append(time.perf_counter() - started)
             wait = pending.wait
 
@@ -188,15 +198,28 @@ class StepTimeline:
     def close(self) -> None:
         self._runner.launch = self._launch
 
+    def _gpu_times(self) -> tuple[list[float], list[float]]:
+        """Per launch: seconds from its start event to its end event (its GPU time, including any wait
+        for its own enqueueing) and of GPU idle before it (previous end to this start). Zeros off CUDA."""
+        if not self.events:
+            return [0.0] * len(self.launches), [0.0] * len(self.launches)
+        torch.cuda.synchronize()
+        gpu = [start.elapsed_time(end) / 1e3 for start, end in self.events]
+        ends = [None] + [end for _, end in self.events[:-1]]
+        idle = [0.0 if prev is None else max(0.0, prev.elapsed_time(start) / 1e3)
+                for prev, (start, _) in zip(ends, self.events, strict=True)]
+        return gpu, idle
+
     def summary(self) -> dict:
         """Steps with prefill rows vs decode-only steps: count, seconds, mean ms of the step, of its
         launch (host) and of its `wait()` (GPU-bound time left), mean rows, and the decode-only steps'
         mean ms by batch (rows rounded down to a multiple of 32)."""
-        kinds: dict[str, list[tuple[float, int, int, float, float]]] = {"with_prefill": [], "decode_only": []}
-        for seconds, (rows, prefill), launch, wait in zip(
-            self.step_s, self.launches, self.launch_s, self.wait_s, strict=False
+        gpu_s, idle_s = self._gpu_times()
+        kinds: dict[str, list[tuple]] = {"with_prefill": [], "decode_only": []}
+        for seconds, (rows, prefill), launch, wait, gpu, idle in zip(
+            self.step_s, self.launches, self.launch_s, self.wait_s, gpu_s, idle_s, strict=False
         ):
-            kinds["with_prefill" if prefill else "decode_only"].append((seconds, rows, prefill, launch, wait))
+            kinds["with_prefill" if prefill else "decode_only"].append((seconds, rows, prefill, launch, wait, gpu, idle))
         out: dict = {}
         for kind, steps in kinds.items():
             n = len(steps) or 1
@@ -207,6 +230,8 @@ class StepTimeline:
                 "mean_ms": 1e3 * total / n,
                 "mean_launch_ms": 1e3 * sum(s[3] for s in steps) / n,
                 "mean_wait_ms": 1e3 * sum(s[4] for s in steps) / n,
+                "mean_gpu_ms": 1e3 * sum(s[5] for s in steps) / n if self.events else None,
+                "mean_gpu_idle_before_ms": 1e3 * sum(s[6] for s in steps) / n if self.events else None,
                 "mean_rows": sum(s[1] for s in steps) / n,
                 "prefill_tokens": sum(s[2] for s in steps),
             }
