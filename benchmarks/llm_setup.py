@@ -27,6 +27,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationInput
+from llm_service.engine.outputs import CONTINUATION_TOKEN
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.models.loader import build_decoder_from_config, fused_weight_views
 
@@ -161,7 +162,7 @@ class StepTimeline:
     """
 
     def __init__(self, engine: EngineCore) -> None:
-        self.launches: list[tuple[int, int]] = []  # (rows, prefill tokens)
+        self.launches: list[tuple[int, int, bool]] = []  # (rows, prefill tokens, queued by pipelined decode)
         self.launch_s: list[float] = []
         self.wait_s: list[float] = []
         self.step_s: list[float] = []
@@ -172,7 +173,8 @@ class StepTimeline:
 
         def launch(scheduled, *args, **kwargs):
             prefill = sum(c.num_tokens for c in scheduled.chunks if c.num_tokens > 1)
-            self.launches.append((len(scheduled.chunks), prefill))
+            continuation = scheduled.chunks[0].token_ids[0] == CONTINUATION_TOKEN
+            self.launches.append((len(scheduled.chunks), prefill, continuation))
             started = time.perf_counter()
             if on_cuda:
                 self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
@@ -216,10 +218,12 @@ class StepTimeline:
         mean ms by batch (rows rounded down to a multiple of 32)."""
         gpu_s, idle_s = self._gpu_times()
         kinds: dict[str, list[tuple]] = {"with_prefill": [], "decode_only": []}
-        for seconds, (rows, prefill), launch, wait, gpu, idle in zip(
+        per_step = []
+        for seconds, (rows, prefill, continuation), launch, wait, gpu, idle in zip(
             self.step_s, self.launches, self.launch_s, self.wait_s, gpu_s, idle_s, strict=False
         ):
             kinds["with_prefill" if prefill else "decode_only"].append((seconds, rows, prefill, launch, wait, gpu, idle))
+            per_step.append([rows, prefill, int(continuation), *(round(1e3 * x, 3) for x in (seconds, launch, wait, gpu, idle))])
         out: dict = {}
         for kind, steps in kinds.items():
             n = len(steps) or 1
@@ -241,6 +245,9 @@ class StepTimeline:
         out["decode_only_ms_by_rows"] = {
             str(b): {"steps": len(v), "mean_ms": 1e3 * sum(v) / len(v)} for b, v in sorted(by_batch.items())
         }
+        out["steps_columns"] = ["rows", "prefill_tokens", "continuation", "step_ms", "launch_ms", "wait_ms",
+                                "gpu_ms", "gpu_idle_before_ms"]
+        out["steps"] = per_step
         return out
 
 
