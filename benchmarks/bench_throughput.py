@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-requests-per-concurrency", type=int, default=None,
                         help="HF baselines' requests per point = max(hf-min-requests, this x concurrency)")
     parser.add_argument("--hf-min-requests", type=int, default=None, help="default: --min-requests")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="leave start-up objects to the garbage collector (the services freeze them)")
     parser.add_argument("--step-timeline", action="store_true",
                         help="our engine's points also record step_timeline: prefill vs decode-only steps")
     parser.add_argument("--merge", action="store_true", help=f"add to an existing {RESULT_FILE}")
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 models, max_num_seqs=max(concurrencies), max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_memory_fraction=args.kv_memory_fraction, enforce_eager=True if args.enforce_eager else None,
                 attention_backend=args.attention_backend, max_prefill_graph_tokens=args.max_prefill_graph_tokens,
-                kv_cache_dtype=args.kv_cache_dtype,
+                kv_cache_dtype=args.kv_cache_dtype, freeze_gc=not args.no_gc_freeze,
             )
         try:
             for n, scenario in enumerate(scenarios):
@@ -263,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         label += "" if args.attention_backend in ("auto", "batched") else f"_{args.attention_backend}"
                         label += "" if args.max_prefill_graph_tokens == 2048 else f"_pg{args.max_prefill_graph_tokens}"
                         label += "" if args.kv_cache_dtype == "auto" else "_fp8kv"
+                        label += "_gc" if args.no_gc_freeze else ""
                     point = {"system": label, "scenario": name, "input": scenario[0], "output": scenario[1],
                              "concurrency": concurrency, "device": env["device"]}
                     # the KV cache's element type: the engine's as configured, the model dtype for HF's

@@ -30,6 +30,7 @@ from llm_service.engine.engine_core import EngineConfig, EngineCore, GenerationI
 from llm_service.engine.outputs import CONTINUATION_TOKEN
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.models.loader import build_decoder_from_config, fused_weight_views
+from vlm_protocol.gc_freeze import freeze_startup_objects
 
 VICUNA_7B = dict(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -101,14 +102,19 @@ def build_models(*, tiny: bool, device: str, dtype: torch.dtype, seed: int = 0) 
     return Models(config, hf, ours, synthetic_tokenizer(config.vocab_size), torch.device(device), dtype)
 
 
-def build_engine(models: Models, **engine_kwargs) -> EngineCore:
+def build_engine(models: Models, *, freeze_gc: bool = True, **engine_kwargs) -> EngineCore:
+    """Our engine on `models`' weights. `freeze_gc`: freeze the objects alive now out of garbage
+    collection, as the services do once started (`vlm_protocol/gc_freeze.py`)."""
     config = EngineConfig(
         model_dir="",  # from_model reads nothing from disk
         device=str(models.device),
         dtype=str(models.dtype).removeprefix("torch."),
         **engine_kwargs,
     )
-    return EngineCore.from_model(models.ours, models.tokenizer, config)
+    engine = EngineCore.from_model(models.ours, models.tokenizer, config)
+    if freeze_gc:
+        freeze_startup_objects("benchmark engine")
+    return engine
 
 
 def random_engine_core(config: EngineConfig, *, tiny: bool, seed: int = 0) -> EngineCore:
@@ -170,6 +176,9 @@ class StepTimeline:
         self._runner = engine.runner
         self._launch = engine.runner.launch
         on_cuda = engine.runner.device.type == "cuda"
+        self.gc_passes: list[tuple[int, float]] = []  # (generation, seconds) of each garbage collection
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
 
         def launch(scheduled, *args, **kwargs):
             prefill = sum(c.num_tokens for c in scheduled.chunks if c.num_tokens > 1)
@@ -197,8 +206,15 @@ class StepTimeline:
 
         engine.runner.launch = launch
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_passes.append((info["generation"], time.perf_counter() - self._gc_started))
+
     def close(self) -> None:
         self._runner.launch = self._launch
+        gc.callbacks.remove(self._on_gc)
 
     def _gpu_times(self) -> tuple[list[float], list[float]]:
         """Per launch: seconds from its start event to its end event (its GPU time, including any wait
@@ -244,6 +260,14 @@ class StepTimeline:
             by_batch.setdefault(rows // 32 * 32, []).append(seconds)
         out["decode_only_ms_by_rows"] = {
             str(b): {"steps": len(v), "mean_ms": 1e3 * sum(v) / len(v)} for b, v in sorted(by_batch.items())
+        }
+        out["gc_passes"] = {
+            str(generation): {
+                "count": sum(1 for g, _ in self.gc_passes if g == generation),
+                "total_ms": 1e3 * sum(t for g, t in self.gc_passes if g == generation),
+                "max_ms": 1e3 * max((t for g, t in self.gc_passes if g == generation), default=0.0),
+            }
+            for generation in (0, 1, 2)
         }
         out["steps_columns"] = ["rows", "prefill_tokens", "continuation", "step_ms", "launch_ms", "wait_ms",
                                 "gpu_ms", "gpu_idle_before_ms"]

@@ -295,6 +295,7 @@ def parse_config(
 
 async def serve(config: EncoderConfig) -> None:
     from encoder_service.server import build_server, load_engine
+    from vlm_protocol.gc_freeze import freeze_startup_objects
     from vlm_protocol.grpc_server import install_signal_handlers
     from vlm_protocol.torch_threads import apply_torch_threads
 
@@ -322,6 +323,7 @@ async def serve(config: EncoderConfig) -> None:
     remove_handlers = install_signal_handlers(server.running)
     try:
         await server.start()  # health NOT_SERVING until the warm-up encode has run
+        freeze_startup_objects("encoder service")  # full GC passes would stall the batcher
         logger.info("encoder serving %s on %s", config.display_model_id, server.address)
         await server.running.wait_for_termination()
     finally:

@@ -24,6 +24,7 @@ from llm_service.engine.sampling_params import SamplingParams
 from llm_service.model_info import ModelDescription
 from llm_service.servicer import SERVICE_NAME, LlmService
 from vlm_protocol import grpc_server
+from vlm_protocol.gc_freeze import freeze_startup_objects
 from vlm_protocol.grpc_server import RunningServer, ServiceRegistration
 from vlm_protocol.torch_threads import apply_torch_threads
 
@@ -160,6 +161,7 @@ async def serve(config: LlmServiceConfig) -> None:
         terminated = False
         try:
             await server.start_serving(warmup=config.warmup)
+            freeze_startup_objects("llm service")  # full GC passes would stall the engine loop
             await server.wait_for_termination()
             terminated = True
         finally:

@@ -59,6 +59,7 @@ from vlm_protocol.errors import (
     UnavailableError,
     VlmError,
 )
+from vlm_protocol.gc_freeze import freeze_startup_objects
 from vlm_protocol.shared_memory import SharedMemoryReader
 from vlm_protocol.torch_threads import apply_torch_threads
 
@@ -138,6 +139,7 @@ def _engine_main(
         if ring is not None:
             reader = SharedMemoryReader(directory=ring[0])
             reader.prefault(ring[1])
+        freeze_startup_objects("llm engine process")  # full GC passes would stall the engine loop
     except BaseException as exc:
         logger.exception("the engine could not start")
         send(("start_failed", _portable(exc)))

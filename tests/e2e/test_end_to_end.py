@@ -298,3 +298,7 @@ def test_demo_smoke(tmp_path):
     assert "encoder: skipped (the LLM service still held the embedding)" in out
     assert "embeddings uploaded: 1 then 0" in out
     assert "encoder exited with code 0" in out and "llm exited with code 0" in out
+    # both services leave their start-up objects out of garbage collection once serving
+    for log, owner in (("encoder.log", "encoder service: "), ("llm.log", "llm service: ")):
+        lines = (tmp_path / "logs" / log).read_text().splitlines()
+        assert any(owner in line and "frozen out of garbage collection" in line for line in lines), log

@@ -781,6 +781,10 @@ def test_cli_serves_and_drains_on_sigterm(llava, extra_flags):
         log.append(lines.get())
     text = "".join(log)
     assert "draining" in text and "prompt=" in text and "USER" not in text  # summary line, no prompt
+    # once serving, each process that runs the engine loop leaves its start-up objects out of GC
+    frozen = [line for line in log if "start-up objects frozen out of garbage collection" in line]
+    assert any("llm service: " in line for line in frozen), text
+    assert any("llm engine process: " in line for line in frozen) == bool(extra_flags), text
     if extra_flags:  # the engine process stopped with the service: no orphan
         pid = int(text.split("engine process ", 1)[1].split()[0])
         with pytest.raises(ProcessLookupError):
