@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page", type=int, default=16)
+    parser.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
+                        help="the cache's element type (fp8: float8_e4m3fn, upcast in the kernel)")
     parser.add_argument("--cache-layouts", default="nhd",
                         help="nhd (the engine's [blocks, page, Hkv, D]) and/or hnd (each head's page contiguous)")
     parser.add_argument("--layouts", default="", help=f"comma-separated subset of {','.join(LAYOUTS)}")
@@ -110,17 +112,18 @@ def main(argv: list[str] | None = None) -> int:
                              "GEMMs (as in a decode graph, where the GPU runs hot and the clocks lower)")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
+    cache_dtype = {"bf16": dtype, "fp8": torch.float8_e4m3fn}[args.kv_dtype]
     configs = sweep_configs()
     layouts = {name: LAYOUTS[name] for name in (args.layouts.split(",") if args.layouts else LAYOUTS)}
     results = {"device": torch.cuda.get_device_name(), "heads": args.heads, "kv_heads": args.kv_heads,
-               "head_dim": args.head_dim, "page": args.page, "layouts": {}}
+               "head_dim": args.head_dim, "page": args.page, "kv_dtype": args.kv_dtype, "layouts": {}}
     for name, (batch, context) in layouts.items():
         blocks_per_seq = -(-context // args.page)
         num_blocks = batch * blocks_per_seq + 1
         gen = torch.Generator(device="cpu").manual_seed(0)
         shape = (num_blocks, args.page, args.kv_heads, args.head_dim)
-        k_cache = torch.randn(shape, generator=gen).to(device, dtype)
-        v_cache = torch.randn(shape, generator=gen).to(device, dtype)
+        k_cache = torch.randn(shape, generator=gen).to(device, cache_dtype)
+        v_cache = torch.randn(shape, generator=gen).to(device, cache_dtype)
         tables = torch.randperm(num_blocks - 1, generator=gen)[: batch * blocks_per_seq].view(batch, -1)
         seq_lens = [context] * batch
         query = torch.randn(batch, args.heads, args.head_dim, generator=gen).to(device, dtype)
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             _tune_layout(args, results, key, batch, context, configs, query, caches, tables_dev, lens_dev,
                          expected, kv_bytes)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_kernel_tuning.json").write_text(json.dumps(results, indent=2))
+    name = "decode_kernel_tuning.json" if args.kv_dtype == "bf16" else f"decode_kernel_tuning_{args.kv_dtype}.json"
+    (args.out / name).write_text(json.dumps(results, indent=2))
     return 0
 
 
