@@ -116,6 +116,34 @@ def _check_splits(
     return failures
 
 
+def _check_query_magnitudes(
+    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float
+) -> list[str]:
+    """Queries far from 1 in magnitude: past fp16's largest finite value (65504) and near its smallest
+    normal, which the fp16 products of bf16 queries over an fp8 cache must survive; a few keys carry
+    large values so the softmax is not flat."""
+    failures = []
+    torch.manual_seed(1)
+    page, num_blocks, num_heads, num_kv_heads, head_dim = 16, 24, 4, 2, 32
+    k_cache = to_cache_dtype(torch.randn(num_blocks, page, num_kv_heads, head_dim), kv_dtype).to(device)
+    v_cache = to_cache_dtype(torch.randn(num_blocks, page, num_kv_heads, head_dim), kv_dtype).to(device)
+    seq_lens = [1, 150, 300]
+    tables = torch.stack([torch.randperm(num_blocks)[:20] for _ in seq_lens]).to(device)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0), block_tables=tables, query_start_loc=list(range(len(seq_lens) + 1)),
+        seq_lens=seq_lens, block_size=page,
+    )
+    for magnitude in (3e5, 1e-4):
+        # scale 1 / magnitude keeps the scores in the usual range: the logits' precision is under test
+        query = (torch.randn(len(seq_lens), num_heads, head_dim) * magnitude).to(device, dtype)
+        out = paged_decode_attention(query, k_cache, v_cache, tables, torch.tensor(seq_lens, device=device), 1 / magnitude)
+        truth = paged_attention_reference(query.double(), k_cache.double(), v_cache.double(), meta, 1 / magnitude)
+        err = _relative_error(out, truth)
+        if not (torch.isfinite(out).all() and err <= tolerance):
+            failures.append(f"queries of magnitude {magnitude:g}: rel err {err:.2e}")
+    return failures
+
+
 def run_all(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -137,7 +165,7 @@ def run_all(
     ]
     return _check_layouts(dev, dtype, kv_dtype, tolerance, seeds) + _check_splits(
         dev, dtype, kv_dtype, tolerance, configs
-    ) + other_groups
+    ) + other_groups + _check_query_magnitudes(dev, dtype, kv_dtype, tolerance)
 
 
 if __name__ == "__main__":
@@ -146,5 +174,11 @@ if __name__ == "__main__":
     # (the two production launch shapes for the split cases: the interpreter is slow)
     fp8 = run_all(seeds=range(2), kv_dtype=torch.float8_e4m3fn, configs=CONFIGS[:2])
     problems += [f"fp8 cache: {p}" for p in fp8]
+    # the production pair, bf16 queries over an fp8 cache, multiplies in fp16 (see triton_decode.py)
+    cpu, bf16, e4m3 = torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn
+    bf16_fp8 = _check_query_magnitudes(cpu, bf16, e4m3, 2e-2) + _check_splits(
+        cpu, bf16, e4m3, 2e-2, CONFIGS[:2], 2, ([1, 37, 700, 64],)
+    )
+    problems += [f"bf16 queries, fp8 cache: {p}" for p in bf16_fp8]
     print("\n".join(problems) or "all triton decode cases match the reference")
     sys.exit(1 if problems else 0)
