@@ -20,18 +20,9 @@ kernel merges the partials. With a single split the first kernel writes the norm
 
 Cache dtype: the query's, or float8_e4m3fn (an fp8 KV cache, see attention.py): K/V tiles are loaded in
 the cache dtype (an fp8 cache halves the bytes this kernel reads, which dominate a large decode batch)
-and upcast exactly before the `tl.dot`s (exact products, fp32 accumulation; the softmax weights are
-rounded to the product dtype for the second product, as flash attention does). The softmax and the
-output accumulate in fp32. Triton stores and loads fp8 on compute capability >= 8.9 only
-(`check_kv_cache_dtype`).
-
-The product dtype is the query's, except for bf16 queries over an fp8 cache: those multiply in fp16.
-Hopper converts e4m3 to fp16 in one instruction per pair, while the path to bf16 goes through fp32;
-with bf16 products the conversions bound the kernel (session 11, H200, batch 256, context 192: 230 us
-against 204 us for a bf16 cache twice the size). fp16 holds every e4m3 value exactly and rounds the
-softmax weights more finely than bf16; a bf16 query fits fp16's 10-bit mantissa exactly, and a query
-tile whose largest magnitude passes 2^15 is first scaled by a power of two (undone exactly on the
-scores) so it stays under fp16's largest finite value.
+and upcast exactly to the query dtype before the `tl.dot`s (exact products, fp32 accumulation; the
+softmax weights are rounded to the query dtype for the second product, as flash attention does). The
+softmax and the output accumulate in fp32. Triton stores and loads fp8 on compute capability >= 8.9 only (`check_kv_cache_dtype`).
 
 Decode rows only (one query per sequence, the query sits at the last context position so no causal
 mask is needed). Prefill chunks keep the SDPA path. Importing this module needs `triton`; under
@@ -90,7 +81,7 @@ def _decode_partial_kernel(
     num_heads, num_splits,
     GQA_GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, DIRECT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP16_PRODUCTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One split's partial for one (sequence, KV head): `ROWS` (>= 16) rows, row r being query head
     `kv_head * GQA_GROUP + r % GQA_GROUP`, so no row is padding; the first GQA_GROUP rows are stored."""
@@ -107,14 +98,6 @@ def _decode_partial_kernel(
     d = tl.arange(0, HEAD_DIM_P2)
     d_ok = d < HEAD_DIM
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=d_ok[None, :], other=0.0)  # [R, D]
-    score_scale = scale
-    if FP16_PRODUCTS:  # bf16 queries over an fp8 cache (module docstring): products in fp16
-        q32 = q.to(tl.float32)
-        q_max = tl.max(tl.max(tl.abs(q32), axis=1), axis=0)
-        # a power of two taking |q| under 2^15 (fp16's largest finite value is 65504), 1 for usual queries
-        q_scale = tl.where(q_max > 32768.0, tl.exp2(tl.ceil(tl.log2(q_max)) - 15.0), 1.0)
-        q = (q32 / q_scale).to(tl.float16)
-        score_scale = scale * q_scale
 
     m_i = tl.zeros([ROWS], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -127,7 +110,7 @@ def _decode_partial_kernel(
         kv_mask = valid[:, None] & d_ok[None, :]
         k_at = block * stride_kb + offset * stride_kt + kv_head * stride_kh  # [N]
         k = tl.load(k_ptr + k_at[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]; fp8 exact
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * score_scale  # [R, N] fp32
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [R, N] fp32
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [R]
         alpha = tl.exp(m_i - m_new)
@@ -230,7 +213,6 @@ def paged_decode_attention(
         ROWS=max(16, triton.next_power_of_2(group)), BLOCK=config.block_n, NUM_STAGES=config.num_stages,
         DIRECT=splits == 1,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 models keep fp32 products
-        FP16_PRODUCTS=query.dtype == torch.bfloat16 and k_cache.dtype == torch.float8_e4m3fn,
         num_warps=config.num_warps,
     )
     if splits > 1:

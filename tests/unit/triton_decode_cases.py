@@ -119,9 +119,9 @@ def _check_splits(
 def _check_query_magnitudes(
     device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, tolerance: float
 ) -> list[str]:
-    """Queries far from 1 in magnitude: past fp16's largest finite value (65504) and near its smallest
-    normal, which the fp16 products of bf16 queries over an fp8 cache must survive; a few keys carry
-    large values so the softmax is not flat."""
+    """Queries far from 1 in magnitude (past fp16's largest finite value, and near its smallest normal),
+    with the softmax scale bringing the scores back to the usual range: no product in the kernel may
+    overflow or flush to zero."""
     failures = []
     torch.manual_seed(1)
     page, num_blocks, num_heads, num_kv_heads, head_dim = 16, 24, 4, 2, 32
@@ -174,11 +174,5 @@ if __name__ == "__main__":
     # (the two production launch shapes for the split cases: the interpreter is slow)
     fp8 = run_all(seeds=range(2), kv_dtype=torch.float8_e4m3fn, configs=CONFIGS[:2])
     problems += [f"fp8 cache: {p}" for p in fp8]
-    # the production pair, bf16 queries over an fp8 cache, multiplies in fp16 (see triton_decode.py)
-    cpu, bf16, e4m3 = torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn
-    bf16_fp8 = _check_query_magnitudes(cpu, bf16, e4m3, 2e-2) + _check_splits(
-        cpu, bf16, e4m3, 2e-2, CONFIGS[:2], 2, ([1, 37, 700, 64],)
-    )
-    problems += [f"bf16 queries, fp8 cache: {p}" for p in bf16_fp8]
     print("\n".join(problems) or "all triton decode cases match the reference")
     sys.exit(1 if problems else 0)
