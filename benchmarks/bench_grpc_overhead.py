@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-memory-fraction", type=float, default=0.85)
     parser.add_argument("--enforce-eager", action="store_true", help="our engine without CUDA graphs")
     parser.add_argument("--attention-backend", default="auto", help="our engine's: auto | batched | triton | reference")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="leave start-up objects to the garbage collector (the services freeze them)")
     parser.add_argument("--engine-process", action="store_true",
                         help=f"also measure the service with its engine in its own process ({PROCESS_VARIANT})")
     args = parser.parse_args(argv)
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     core = build_engine(
         models, max_num_seqs=args.concurrency, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_memory_fraction=args.kv_memory_fraction, enforce_eager=True if args.enforce_eager else None,
-        attention_backend=args.attention_backend, **kv,
+        attention_backend=args.attention_backend, freeze_gc=not args.no_gc_freeze, **kv,
     )
     engine = AsyncLLMEngine(core)  # the one engine object both variants drive
     try:
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                   "num_requests": measured["num_requests"], "rounds": args.rounds},
         "engine": {"attention_backend": core.config.attention_backend, "cuda_graphs": core.config.use_cuda_graphs,
                    "max_num_seqs": core.config.max_num_seqs,
-                   "max_num_batched_tokens": core.config.max_num_batched_tokens},
+                   "max_num_batched_tokens": core.config.max_num_batched_tokens,
+                   "gc_freeze": not args.no_gc_freeze},
         "setup": {
             "in_process": f"AsyncLLMEngine.generate() from {args.concurrency} asyncio tasks in this process",
             "grpc_stream": "the same AsyncLLMEngine object behind llm_service.server.build_server (LlmService) "
