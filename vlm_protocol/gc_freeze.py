@@ -4,8 +4,8 @@ After start-up a service process holds several hundred thousand long-lived Pytho
 transformers, the tokenizer, the model's modules, compiled kernels' caches). Each collection of the
 oldest generation walks every one of them while the thread that triggered it, the engine loop or a
 batcher, stops: a full collection takes ~200 ms on the 2-core CI VM, and the engine loop stalled
-about 300 ms twice per 5.5 s run of the 128/128 c256 benchmark on an H200 host
-(benchmarks/README.md, session 11). `gc.freeze()` moves everything alive into a permanent
+for 230-300 ms twice per 5.5 s run of the 128/128 c256 benchmark on an H200 host, 8% of its
+throughput (benchmarks/README.md, session 11). `gc.freeze()` moves everything alive into a permanent
 generation that collections skip; objects created afterwards (requests, outputs) are collected as
 before, and frozen objects are still freed by reference counting when their last reference goes.
 """
