@@ -21,7 +21,8 @@ case "$part" in
     step "decode, batch 1, 128/128"
     python3 "$here/bench_decode.py" --out "$out" --inputs 128 --outputs 128 --systems engine_graphs
     step "throughput, 128/128 at 256 concurrent (engine, HF continuous batching)"
-    python3 "$here/bench_throughput.py" --out "$out" --scenarios 128/128 --concurrency 256 --systems engine,hf_cb
+    python3 "$here/bench_throughput.py" --out "$out" --scenarios 128/128 --concurrency 256 --systems engine,hf_cb \
+      --step-timeline
     step "encoder, batch 64, CUDA-graph replay"
     python3 "$here/bench_encoder.py" --out "$out" --batch-sizes 64 --variants compiled_cudagraph@64 --time-budget-s 150
     ;;

@@ -54,6 +54,37 @@ def test_decode_throughput_and_summary_smoke(scripts, tmp_path):
     assert summary["targets"]["decode_bs1_ms_per_token"]["met"] is None  # not judged off an H100
 
 
+def test_throughput_step_timeline_smoke(scripts, tmp_path):
+    """`--step-timeline`: one row per engine step that ran work, split into prefill and decode-only
+    steps that add up to the run; GPU columns are absent on CPU; the engine is left unwrapped."""
+    assert scripts("bench_throughput").main([
+        "--tiny", "--device", "cpu", "--out", str(tmp_path), "--systems", "engine",
+        "--scenarios", "8/4", "--concurrency", "2", "--step-timeline", "--no-gc-freeze",
+    ]) == 0
+    (point,) = json.loads((tmp_path / "throughput.json").read_text())["points"]
+    assert point["system"] == "engine_gc"  # the variant without the freeze keeps its own name
+    timeline = point["step_timeline"]
+    steps = timeline["steps"]
+    assert len(steps) == timeline["with_prefill"]["steps"] + timeline["decode_only"]["steps"] <= point["num_steps"]
+    columns = timeline["steps_columns"]
+    rows = [dict(zip(columns, step, strict=True)) for step in steps]
+    # 4 requests of 8 prompt tokens each: every prompt token is prefilled exactly once
+    assert sum(r["prefill_tokens"] for r in rows) == timeline["with_prefill"]["prefill_tokens"] == 4 * 8
+    assert all(r["step_ms"] >= r["wait_ms"] >= 0 and r["gpu_ms"] == 0 for r in rows)
+    assert timeline["decode_only"]["mean_gpu_ms"] is None  # no CUDA events off the GPU
+    assert set(timeline["gc_passes"]) == {"0", "1", "2"}
+    import torch
+
+    llm_setup = scripts("llm_setup")
+    models = llm_setup.build_models(tiny=True, device="cpu", dtype=torch.float32)
+    engine = llm_setup.build_engine(models, max_num_seqs=2, max_num_batched_tokens=64, freeze_gc=False)
+    launch = engine.runner.launch
+    timeline = llm_setup.StepTimeline(engine)
+    assert engine.runner.launch is not launch
+    timeline.close()
+    assert engine.runner.launch == launch  # the engine is left as it was
+
+
 def test_profile_prefill_smoke(scripts, tmp_path, tiny_checkpoint):
     """The engine-side TTFT profile on the tiny llava: image, repeat (prefix hit) and text cases."""
     assert scripts("profile_prefill").main([
