@@ -60,11 +60,13 @@ def _graph_ms(fn, calls: int = 10, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def sweep_configs() -> list[DecodeKernelConfig]:
-    """18 launch shapes: key tile, warps, pipeline depth."""
+def sweep_configs(kv_dtype: str = "bf16") -> list[DecodeKernelConfig]:
+    """18 launch shapes: key tile, warps, pipeline depth; over an fp8 cache also 256-key tiles (the
+    bytes per load of a bf16 128-key tile: benchmarks/README.md, session 11)."""
+    tiles = (32, 64, 128, 256) if kv_dtype == "fp8" else (32, 64, 128)
     return [
         DecodeKernelConfig(block_n=b, num_warps=w, num_stages=s)
-        for b, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))
+        for b, w, s in itertools.product(tiles, (4, 8), (1, 2, 3))
     ]
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
     cache_dtype = {"bf16": dtype, "fp8": torch.float8_e4m3fn}[args.kv_dtype]
-    configs = sweep_configs()
+    configs = sweep_configs(args.kv_dtype)
     layouts = {name: LAYOUTS[name] for name in (args.layouts.split(",") if args.layouts else LAYOUTS)}
     results = {"device": torch.cuda.get_device_name(), "heads": args.heads, "kv_heads": args.kv_heads,
                "head_dim": args.head_dim, "page": args.page, "kv_dtype": args.kv_dtype, "layouts": {}}

@@ -130,6 +130,8 @@ def test_gpu_only_scripts_import_and_classify(scripts):
 
     swept = scripts("tune_decode_kernel").sweep_configs()
     assert all(config_for(b, 32) in swept for b in (1, 8, 64, 256))
+    fp8 = scripts("tune_decode_kernel").sweep_configs("fp8")  # a superset, with 256-key tiles
+    assert set(swept) < set(fp8) and {c.block_n for c in fp8} - {c.block_n for c in swept} == {256}
 
 
 def test_profile_decode_step_with_a_prefill_wave_smoke(scripts, tmp_path):
