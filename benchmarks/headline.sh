@@ -3,9 +3,9 @@
 # each, with the services' defaults; then gather them with summary.py.
 #
 #   benchmarks/headline.sh engine   OUT   # decode bs1 (128/128), 128/128 at c=256 (engine + HF continuous
-#                                         # batching), encoder bs64 (CUDA-graph replay)  139 s on an H200
+#                                         # batching), encoder bs64 (CUDA-graph replay)  139-165 s on an H200
 #   benchmarks/headline.sh services OUT   # the random LLaVA-1.5-7B checkpoint, image TTFT at c=1 through
-#                                         # both services (scenarios 3 and 5), gRPC overhead at c=64 147 s
+#                                         # both services (scenarios 3 and 5), gRPC overhead at c=64 147-176 s
 #   python benchmarks/summary.py --results OUT   # after both parts' files are in OUT
 #
 # Every file lands directly in OUT (no subfolders; at most 8 per part), as summary.py expects.
