@@ -230,8 +230,9 @@ class StepTimeline:
 
     def summary(self) -> dict:
         """Steps with prefill rows vs decode-only steps: count, seconds, mean ms of the step, of its
-        launch (host) and of its `wait()` (GPU-bound time left), mean rows, and the decode-only steps'
-        mean ms by batch (rows rounded down to a multiple of 32)."""
+        launch (host), of its `wait()` (GPU-bound time left), of GPU time and GPU idle before it (CUDA
+        only), mean rows; the decode-only steps' mean ms by batch (rows rounded down to a multiple of
+        32); garbage-collection passes by generation; and every step's row (`steps_columns`)."""
         gpu_s, idle_s = self._gpu_times()
         kinds: dict[str, list[tuple]] = {"with_prefill": [], "decode_only": []}
         per_step = []
