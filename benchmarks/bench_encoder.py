@@ -95,7 +95,6 @@ from encoder_service.engines import MediaInput, load_visual_engine  # noqa: E402
 from encoder_service.engines.base import PreparedInput, fixed_row_outputs, pinned_batch, rows_to_host  # noqa: E402
 from encoder_service.engines.compiled import BucketedCompute, CompileSettings, sdpa_context  # noqa: E402
 from encoder_service.engines.towers import LayerSelectingTower, TowerProjector  # noqa: E402
-from encoder_service.engines.triton_activation import TritonActivation  # noqa: E402
 
 STARTED = time.perf_counter()
 SDPA_CHOICES = ("flash", "efficient", "cudnn")
@@ -383,14 +382,6 @@ def hf_computes(tower, projector, config) -> tuple[TowerProjector, TowerProjecto
         TowerProjector(selecting, projector, drop_cls=drop_cls, projector_role="multi_modal_projector")
         for selecting in (hooked, walking)
     )
-
-
-def use_hf_activations(tower: LayerSelectingTower) -> None:
-    """Put HF's activation modules back in place of the engine's `TritonActivation`s."""
-    for layer in tower.encoder_layers:
-        if isinstance(layer.mlp.activation_fn, TritonActivation):
-            layer.mlp.activation_fn = layer.mlp.activation_fn.original
-    tower.triton_activation = False
 
 
 def kernel_category(name: str) -> str:
@@ -1136,11 +1127,6 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="the tiny llava checkpoint instead of LLaVA-1.5 shapes"
     )
     parser.add_argument("--cpu-compile", action="store_true", help="run the compiled variants on a CPU too")
-    parser.add_argument(
-        "--no-triton-activation",
-        action="store_true",
-        help="the engine's MLP activation as HF's module (Inductor's kernel when compiled), for an A/B",
-    )
     args = parser.parse_args(argv)
     global STARTED
     STARTED = time.perf_counter()  # the budget counts from here (the imports came before)
@@ -1185,12 +1171,9 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = Path(tmp)
             make_llava15_vision_checkpoint(checkpoint, args.device)
         engine = load_visual_engine(checkpoint, device=device, dtype=dtype)
-        if args.no_triton_activation:
-            use_hf_activations(engine.compute.vision_tower)
         tower, projector, config = load_hf_modules(checkpoint, device, dtype)
         results["hf_default_attn_implementation"] = tower.config._attn_implementation
         results["engine_fused_qkv"] = engine.compute.vision_tower.fused_qkv
-        results["engine_triton_activation"] = engine.compute.vision_tower.triton_activation
         results["inductor"] = inductor_settings()
         reference_module, unfused_walk = hf_computes(tower, projector, config)
         bench = Bench(args, results, device, budget)

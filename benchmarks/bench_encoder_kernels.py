@@ -9,9 +9,6 @@ calls after warm-up):
               (benchmarks/triton_linear_experiment.py) with each candidate config
   patch       the 14x14/14 patch convolution (cuDNN) against `PatchLinear` (unfold + one GEMM), eager
               and compiled, on bf16 pixels [B, 3, 336, 336]
-  activation  the MLP's QuickGELU alone on [B * 577, 4096]: Inductor's kernel (what the compiled tower
-              runs), a copy of the same bytes (the bandwidth floor), and the Triton kernel
-              (encoder_service/engines/triton_activation.py) with exact and fast math per launch shape
   attention   SDPA over the fused q/k/v layout ([B, 577, 3, 16, 64] views) with each backend
 
     python benchmarks/bench_encoder_kernels.py --out /tmp/out --batch-sizes 64,8
@@ -43,11 +40,6 @@ from triton_linear_experiment import (  # noqa: E402
 )
 
 from encoder_service.engines.patch_embedding import PatchLinear  # noqa: E402
-from encoder_service.engines.triton_activation import (  # noqa: E402
-    QUICK_GELU,
-    reference_activation,
-    sigmoid_activation,
-)
 
 TOKENS, HIDDEN, INTERMEDIATE, HEADS, PATCH, IMAGE = 577, 1024, 4096, 16, 14, 336
 
@@ -125,27 +117,6 @@ def bench_mlp_fc1(batch: int, iters: int) -> dict:
     return result
 
 
-def bench_activation(batch: int, iters: int) -> dict:
-    x = torch.randn(batch * TOKENS, INTERMEDIATE, device="cuda", dtype=torch.bfloat16) * 2
-    gigabytes = 2 * x.numel() * x.element_size() / 1e9  # read + write
-    reference = reference_activation(x, QUICK_GELU)
-    inductor = torch.compile(quick_gelu, dynamic=False)
-    result: dict = {"gigabytes_moved": gigabytes}
-    for name, fn in (("inductor", lambda: inductor(x)), ("copy_floor", lambda: x.clone())):
-        ms = time_ms(fn, iters)
-        result[name] = {"ms": ms, "tb_s": gigabytes / ms}
-    result["inductor"].update(compare(inductor(x), reference))
-    for fast in (False, True):
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8):
-                label = f"{'fast' if fast else 'exact'} block{block} w{warps}"
-                run = lambda f=fast, b=block, w=warps: sigmoid_activation(x, QUICK_GELU, f, b, w)  # noqa: E731
-                ms = time_ms(run, iters)
-                result[label] = {"ms": ms, "tb_s": gigabytes / ms, **compare(run(), reference)}
-                print(label, result[label], flush=True)
-    return result
-
-
 def bench_patch(batch: int, iters: int) -> dict:
     conv = nn.Conv2d(3, HIDDEN, PATCH, PATCH, bias=False).cuda().to(torch.bfloat16).eval()
     linear = PatchLinear(conv)
@@ -197,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch-sizes", default="64,8")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--parts", default="mlp_fc1,activation,patch,attention")
+    parser.add_argument("--parts", default="mlp_fc1,patch,attention")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results: dict = {
@@ -206,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16",
         "shapes": "CLIP ViT-L/14-336: 577 tokens, hidden 1024, MLP 4096, 16 heads of 64",
     }
-    parts = {
-        "mlp_fc1": bench_mlp_fc1,
-        "activation": bench_activation,
-        "patch": bench_patch,
-        "attention": bench_attention,
-    }
+    parts = {"mlp_fc1": bench_mlp_fc1, "patch": bench_patch, "attention": bench_attention}
     for part in args.parts.split(","):
         results[part] = {}
         for batch in (int(b) for b in args.batch_sizes.split(",")):

@@ -19,9 +19,6 @@ same weights and the same math (HF's CLIP/SigLIP attention is SDPA without a mas
 
 `unfold_patches` (default on) runs the patch convolution as one GEMM over unfolded patches
 (`patch_embedding.PatchLinear`, which says why).
-
-`triton_activation` (default on) runs the MLP's QuickGELU / tanh-GELU on CUDA as one fast-math Triton
-kernel (`triton_activation.TritonActivation`, which says why); CPU tensors keep HF's module.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from encoder_service.engines.patch_embedding import PatchLinear, is_patch_convolution
-from encoder_service.engines.triton_activation import TritonActivation
 
 # Vision models whose forward is embeddings -> [pre_layrnorm] -> encoder.layers -> post-processing
 # nobody here reads; `LayerSelectingTower` walks them directly.
@@ -113,8 +109,7 @@ class LayerSelectingTower(nn.Module):
     no checkpoint we serve reads it), i >= 1 the output of encoder layer i - 1, negatives count from
     the end. Several layers are concatenated along the channel dim in the given order, as HF does.
     `fuse_qkv`: fuse each layer's q/k/v projections; `unfold_patches`: the patch convolution as a
-    GEMM; `triton_activation`: the MLP activation's Triton kernel on CUDA (see the module docstring).
-    All three apply to towers that walk their layers only.
+    GEMM (see the module docstring). Both apply to towers that walk their layers only.
     """
 
     def __init__(
@@ -124,7 +119,6 @@ class LayerSelectingTower(nn.Module):
         *,
         fuse_qkv: bool = True,
         unfold_patches: bool = True,
-        triton_activation: bool = True,
     ) -> None:
         super().__init__()
         layers = _encoder_layers(tower)
@@ -156,16 +150,6 @@ class LayerSelectingTower(nn.Module):
         ):
             embeddings.patch_embedding = PatchLinear(embeddings.patch_embedding)
             self.unfolds_patches = True
-        self.triton_activation = False
-        mlps = [getattr(layer, "mlp", None) for layer in _encoder_layers(tower)]
-        if (
-            triton_activation
-            and self.walks_layers
-            and all(TritonActivation.supports(getattr(mlp, "activation_fn", None)) for mlp in mlps)
-        ):
-            for mlp in mlps:
-                mlp.activation_fn = TritonActivation(mlp.activation_fn)
-            self.triton_activation = True
         self._lock = threading.Lock()  # the hook path writes into per-call state; one forward at a time
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
