@@ -194,9 +194,8 @@ class PrefillGraphs:
                 graphs.append(graph)
             self.graphs[n] = graphs
             if self.whole is not None:  # its tile table holds only padding now: the attention is a no-op
-                if not self.whole_graphs:  # once: the attention kernel's compile (the segments ran above)
-                    self._whole_step(n)
-                    torch.cuda.synchronize(self.x.device)
+                self._whole_step(n)  # warm-up (the attention kernel's compile)
+                torch.cuda.synchronize(self.x.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
                     self._whole_step(n)
