@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--image-rows", type=int, default=576)
     parser.add_argument(
-        "--variants", default="default", help="comma list: default, eager (enforce_eager), batched, cublas (no skinny "
-        "GEMM), piecewise (no whole-step prefill graphs: attention between the per-layer graphs)"
+        "--variants", default="default", help="comma list: default, eager (enforce_eager), batched, cublas (no skinny GEMM)"
     )
     parser.add_argument("--trace", action="store_true", help="also write Chrome traces (with Python stacks) of an "
                         "image and a repeat prefill, and cProfiles of both")
@@ -148,13 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             "eager": {"enforce_eager": True},
             "batched": {"attention_backend": "batched"},
             "cublas": {"skinny_gemm": False},
-            "piecewise": {},
         }[variant]
         engine = EngineCore(
             EngineConfig(model_dir=args.model, device=args.device, num_kv_blocks=4096, **extra)
         )
-        if variant == "piecewise" and engine.runner.prefill_graphs is not None:
-            engine.runner.prefill_graphs.whole = None  # every prefill step runs the per-layer graphs
 
         def make(rows=args.image_rows, hidden=engine.hidden_size, dtype=engine.config.torch_dtype):
             return torch.randn(rows, hidden, dtype=dtype) * 0.02  # a host tensor, as the service gets it

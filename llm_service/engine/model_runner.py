@@ -228,9 +228,6 @@ class ModelRunner:
             device=torch.device(self.device),
             dtype=self.dtype,
             capture=capture,
-            whole_step_attention=self.attention_backend == "triton" and self.max_model_len is not None,
-            max_seqs=self.max_graph_batch_size,
-            max_blocks_per_seq=-(-(self.max_model_len or 0) // self.block_size),
         )
 
     @property

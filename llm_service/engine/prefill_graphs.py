@@ -22,17 +22,6 @@ step's ordinary metadata: one Triton launch per kernel kind). Everything in the 
 so padding rows cannot change real ones: they are zeroed before every step, sit at position 0,
 write their K/V into the scratch block no request owns, and no query attends to them.
 
-Whole-step graphs (triton attention only): a step of prefill rows only (no decode row: the common
-shape at low load, e.g. an image request arriving at an idle server) replays one graph per bucket
-that holds the attention too. Its metadata sits in static buffers sized for the bucket: the
-sequences' query starts, context lengths and block tables (as wide as `max_model_len`), and a tile
-table with room for every tile a step of that many rows can have, padded with sequence index -1
-(those programs return at once). So the grid is fixed, and the step costs one replay plus a few
-device copies of its metadata instead of L + 1 replays and L eager attention launches, which is
-what a short prefill's host time goes to (a 15-token chunk after a cached image: the GPU work is
-~5 ms, the host's ~7 ms on an H200). Steps with decode rows, more sequences than `max_seqs` or a
-larger tile count run piecewise as before.
-
 Buckets: see `token_buckets`. The graphs of all buckets share one memory pool and are captured largest
 first. `capture=False` runs the same split path eagerly over the same static buffers (CPU tests).
 """
@@ -42,7 +31,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -81,12 +69,7 @@ class PrefillGraphs:
         device: torch.device,
         dtype: torch.dtype,
         capture: bool,
-        whole_step_attention: bool = False,
-        max_seqs: int = 0,
-        max_blocks_per_seq: int = 0,
     ) -> None:
-        """`whole_step_attention`: also build whole-step graphs (the triton attention backend), for steps of
-        at most `max_seqs` sequences whose contexts fit `max_blocks_per_seq` blocks."""
         if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         assert supports_piecewise(model), "the model has no before_attention / after_attention split"
@@ -107,13 +90,7 @@ class PrefillGraphs:
         self.q = torch.zeros(n, attn.num_heads, attn.head_dim, dtype=dtype, device=device)  # [N, Hq, D]
         self.attn = torch.zeros_like(self.q)  # [N, Hq, D] attention output, written between graphs
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)  # [N, H] final output
-        self.whole: WholeStepPlans | None = None
-        if whole_step_attention and max_seqs > 0 and max_blocks_per_seq > 0:
-            self.whole = WholeStepPlans(
-                self.buckets, attn.num_heads, self.kv_caches[0][0].shape[2], max_seqs, max_blocks_per_seq, device
-            )
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.whole_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         if capture:
             self._capture_all()
@@ -135,12 +112,6 @@ class PrefillGraphs:
         self.positions[num_tokens:n].zero_()
         self.slots[:num_tokens].copy_(meta.slot_mapping)
         self.slots[num_tokens:n].fill_(self.scratch_slot)
-        if self.whole is not None and self.whole.load(meta, n):
-            if self.capture:
-                self.whole_graphs[n].replay()
-            else:
-                self._whole_step(n)
-            return self.hidden[:num_tokens]
         for i in range(len(self.layers) + 1):
             if i > 0:  # the attention of layer i-1, real rows only
                 layer, (k_cache, v_cache) = self.layers[i - 1], self.kv_caches[i - 1]
@@ -165,15 +136,6 @@ class PrefillGraphs:
         cos_sin = self.inner.rotary_emb(self.positions[:n], self.dtype)
         self.q[:n].copy_(self.layers[i].before_attention(self.x[:n], cos_sin, self.kv_caches[i], self.slots[:n]))
 
-    def _whole_step(self, n: int) -> None:
-        """Every segment and, between them, the attention over the static plan of bucket `n`."""
-        assert self.whole is not None
-        for i in range(len(self.layers) + 1):
-            if i > 0:
-                layer, (k_cache, v_cache) = self.layers[i - 1], self.kv_caches[i - 1]
-                self.whole.attend(self.q[:n], k_cache, v_cache, layer.self_attn.scale, self.attn[:n], n)
-            self._segment(i, n)
-
     @torch.inference_mode()
     def _capture_all(self) -> None:
         started = time.perf_counter()
@@ -193,79 +155,9 @@ class PrefillGraphs:
                     self._pool = graph.pool()
                 graphs.append(graph)
             self.graphs[n] = graphs
-            if self.whole is not None:  # its tile table holds only padding now: the attention is a no-op
-                self._whole_step(n)  # warm-up (the attention kernel's compile)
-                torch.cuda.synchronize(self.x.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    self._whole_step(n)
-                self.whole_graphs[n] = graph
         torch.cuda.synchronize(self.x.device)
         logger.info(
-            "captured %d piecewise prefill CUDA graphs (%d token buckets <= %d, %d per bucket) and %d "
-            "whole-step ones in %.1f s",
+            "captured %d piecewise prefill CUDA graphs (%d token buckets <= %d, %d per bucket) in %.1f s",
             sum(map(len, self.graphs.values())), len(self.buckets), self.buckets[-1], len(self.layers) + 1,
-            len(self.whole_graphs), time.perf_counter() - started,
+            time.perf_counter() - started,
         )
-
-
-class WholeStepPlans:
-    """Static attention metadata of the whole-step graphs: one `PrefillPlan` per bucket over shared
-    buffers, whose tile table has a fixed length per bucket (the graph's grid)."""
-
-    def __init__(
-        self,
-        buckets: list[int],
-        num_heads: int,
-        num_kv_heads: int,
-        max_seqs: int,
-        max_blocks_per_seq: int,
-        device: torch.device,
-    ) -> None:
-        from llm_service.layers.triton_prefill import PrefillPlan, tile_queries  # needs triton
-
-        self.block_q = tile_queries(num_heads, num_kv_heads)
-        self.max_seqs = max_seqs
-        # A prefill row of the step is >= 2 tokens, so n rows hold <= n // 2 sequences, each adding at
-        # most one partial tile to the n / block_q whole ones.
-        self.num_tiles = {n: -(-n // self.block_q) + min(max_seqs, n // 2) for n in buckets}
-        self.tiles = torch.full((max(self.num_tiles.values()), 2), -1, dtype=torch.int32, device=device)
-        self.query_start = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)  # [S + 1]
-        self.seq_lens = torch.ones(max_seqs, dtype=torch.int32, device=device)  # [S]
-        self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.long, device=device)
-        empty = np.zeros(0, dtype=np.int64)
-        self.plans = {
-            n: PrefillPlan(
-                seq_ids=empty, query_lens=empty, prefix_lens=empty,  # host fields: unused (tiles given)
-                query_start=self.query_start, seq_lens=self.seq_lens, block_tables=self.block_tables,
-                _tiles={self.block_q: self.tiles[:count]},
-            )
-            for n, count in self.num_tiles.items()
-        }
-
-    def load(self, meta: AttentionMetadata, n: int) -> bool:
-        """Copy the step's metadata into the static buffers if the step fits bucket `n`'s whole-step
-        graph (prefill rows only, within the static sizes); False (nothing copied) otherwise."""
-        plan = meta.prefill
-        if plan is None or meta.groups or meta.num_seqs > self.max_seqs:
-            return False
-        if meta.block_tables.shape[1] > self.block_tables.shape[1]:
-            return False
-        tiles = plan.tiles(self.block_q)  # [k, 2]
-        count = tiles.shape[0]
-        if count > self.num_tiles[n]:
-            return False
-        num_seqs = meta.num_seqs
-        self.tiles[:count].copy_(tiles)
-        self.tiles[count : self.num_tiles[n]].fill_(-1)
-        self.query_start[: num_seqs + 1].copy_(plan.query_start)
-        self.seq_lens[:num_seqs].copy_(plan.seq_lens)
-        self.block_tables[:num_seqs, : meta.block_tables.shape[1]].copy_(meta.block_tables)
-        return True
-
-    def attend(
-        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, out: torch.Tensor, n: int
-    ) -> None:
-        from llm_service.layers.triton_prefill import paged_prefill_attention
-
-        paged_prefill_attention(query, k_cache, v_cache, self.plans[n], scale, out=out)

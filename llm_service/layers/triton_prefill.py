@@ -7,11 +7,10 @@ the masked math dominate. Here a program loads its keys straight from the cache 
 block table and skips every key tile its queries cannot see.
 
 Layout: one program per (query tile, KV head). A tile holds `block_q` consecutive queries of one
-sequence (`tile_queries`); the `rep = Hq // Hkv` query heads that read the same KV head are folded
-into the tile's rows (row r is query `r // rep`, head `r % rep`), so `block_q * rep` rows share every
-K/V load. The host lists the tiles (`PrefillPlan.tiles`: sequence index, first query of the tile) so
-the grid has no empty programs, heaviest tiles first. A tile table of fixed size (a CUDA graph's
-grid: engine/prefill_graphs.py) pads its end with sequence index -1, and those programs return at once. A program walks key tiles of `block_n` positions with an fp32
+sequence; the `rep = Hq // Hkv` query heads that read the same KV head are folded into the tile's rows
+(row r is query `r // rep`, head `r % rep`), so `block_m = block_q * rep` rows share every K/V load. The
+host lists the tiles (`PrefillPlan.tiles`: sequence index, first query of the tile) so the grid has no
+empty programs, heaviest tiles first. A program walks key tiles of `block_n` positions with an fp32
 online softmax: first the keys every one of its queries sees (no mask), then the causal edge, ending at
 its last query's position. Query j of a sequence with `query_len` new tokens and context `seq_len` sits
 at position `seq_len - query_len + j` (a cached prefix comes first) and sees keys up to it.
@@ -198,8 +197,6 @@ def _prefill_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(tiles_ptr + 2 * tile)
-    if seq < 0:  # a padding entry of a fixed-size tile table (a CUDA graph's grid): no work
-        return
     q0 = tl.load(tiles_ptr + 2 * tile + 1)  # first query of the tile, within its sequence
     row0 = tl.load(query_start_ptr + seq)
     query_len = tl.load(query_start_ptr + seq + 1) - row0
@@ -239,12 +236,6 @@ def _prefill_kernel(
 # fmt: on
 
 
-def tile_queries(num_heads: int, num_kv_heads: int, config: PrefillKernelConfig | None = None) -> int:
-    """`block_q`: the queries of one program's tile (its `block_m` rows hold them times the GQA group)."""
-    rep = num_heads // num_kv_heads
-    return max((config or DEFAULT_CONFIG).block_m, triton.next_power_of_2(rep)) // rep
-
-
 def paged_prefill_attention(
     query: torch.Tensor,  # [T, Hq, D]: the batch's new queries, sequence by sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], the new tokens' keys already written
@@ -269,8 +260,8 @@ def paged_prefill_attention(
     assert out.shape == query.shape and out.stride(2) == 1
     config = config or DEFAULT_CONFIG
     rep = num_heads // num_kv_heads
-    block_m = max(config.block_m, triton.next_power_of_2(rep))  # a power of two (tl.arange)
-    block_q = tile_queries(num_heads, num_kv_heads, config)  # block_m // rep
+    block_m = max(config.block_m, triton.next_power_of_2(rep))
+    block_q = block_m // rep
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     tiles = plan.tiles(block_q)
     if len(tiles) == 0:

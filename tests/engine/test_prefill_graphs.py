@@ -4,11 +4,6 @@ equal Hugging Face's, image rows included; capture and replay are covered by tes
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from llm_service.engine.prefill_graphs import token_buckets
@@ -23,23 +18,17 @@ def test_token_buckets():
 
 
 class _Counting:
-    """Enables both graph paths without capture and counts the steps the prefill graphs serve (with
-    `whole_steps`, also those that ran as one whole step, attention included, and those that did not)."""
+    """Enables both graph paths without capture and counts the steps the prefill graphs serve."""
 
-    def __init__(self, *, whole_steps: bool = False) -> None:
+    def __init__(self) -> None:
         self.rows: list[int] = []
         self.decode_runs = 0
         self.chunk_rows_in_decode_graphs = 0
-        self.count_whole_steps = whole_steps
-        self.whole_steps = 0
-        self.piecewise_steps = 0
 
     def __call__(self, engine) -> None:
         engine.runner.max_prefill_graph_tokens = 64
         engine.runner.enable_decode_graphs(capture=False)
         engine.runner.enable_prefill_graphs(capture=False)
-        if self.count_whole_steps:
-            self._count_whole_steps(engine.runner.prefill_graphs)
         decode = engine.runner.decode_graphs
         if decode is not None:
             run_decode = decode.run
@@ -60,18 +49,6 @@ class _Counting:
             return run(embeds, positions, meta)
 
         graphs.run = counted
-
-    def _count_whole_steps(self, graphs) -> None:
-        whole = graphs.whole
-        load = whole.load
-
-        def counted_load(meta, n):
-            fits = load(meta, n)
-            self.whole_steps += fits
-            self.piecewise_steps += not fits
-            return fits
-
-        whole.load = counted_load
 
 
 @pytest.mark.parametrize("pipeline", [False, True], ids=["sync", "pipelined"])
@@ -97,18 +74,3 @@ def test_models_without_the_split_stay_eager(references, family):
     engine, outputs = _run_engine(ckpt, cases[:1], 1, prepare=counter)
     assert engine.runner.prefill_graphs is None and not counter.rows
     assert outputs["req-0"] == cases[0][1].output_token_ids
-
-
-def test_whole_step_path_under_the_triton_interpreter():
-    """The whole-step path (triton attention inside the step over static, padded metadata) on CPU: the
-    cases in interpreted_whole_step.py, run where TRITON_INTERPRET=1 is set before triton loads."""
-    pytest.importorskip("triton")
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/engine/interpreted_whole_step.py"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, (
-        proc.stdout[-3000:] + proc.stderr[-3000:]
-    )
