@@ -330,3 +330,33 @@ def test_engine_process_transport_profile_smoke(scripts, tmp_path):
     points = json.loads((tmp_path / "engine_process_transport.json").read_text())["points"]
     assert [(p["ring_mb"], p["staged_tensors"]) for p in points] == [(0, 0), (16, 4)]
     assert all(p["median_ms"] > 0 for p in points)
+
+
+def test_decode_operand_experiment_matches_the_production_kernel():
+    """The experiment kernel (keys as the MMA's rows) computes what the production decode kernel does,
+    both ways of weighting the values, under Triton's interpreter (fp32, ragged contexts)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    check = """
+import torch
+from decode_operand_experiment import keys_as_rows_attention
+from llm_service.layers.triton_decode import DecodeKernelConfig, paged_decode_attention
+torch.manual_seed(0)
+k, v = torch.randn(13, 16, 4, 32), torch.randn(13, 16, 4, 32)
+tables, lens, q = torch.randperm(12).view(3, 4), torch.tensor([40, 17, 64]), torch.randn(3, 4, 32)
+ref = paged_decode_attention(q, k, v, tables, lens, 32**-0.5)
+for values_as_rows in (False, True):
+    out = keys_as_rows_attention(q, k, v, tables, lens, 32**-0.5, DecodeKernelConfig(block_n=16), values_as_rows)
+    assert float((out - ref).abs().max()) < 1e-5, values_as_rows
+print("ok")
+"""
+    repo = BENCHMARKS.parent
+    path = os.pathsep.join([str(repo), str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", check], cwd=repo, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
