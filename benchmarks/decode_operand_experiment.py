@@ -87,6 +87,7 @@ def _keys_as_rows_kernel(
 
 def keys_as_rows_attention(query, k_cache, v_cache, tables, seq_lens, scale, config, values_as_rows):
     num_seqs, num_heads, head_dim = query.shape
+    assert k_cache.shape[2] == num_heads, "the experiment kernel is MHA only (one query head per KV head)"
     out = torch.empty_like(query)
     _keys_as_rows_kernel[(num_seqs, num_heads)](
         query, k_cache, v_cache, tables, seq_lens, out, scale,
